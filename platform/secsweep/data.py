@@ -1,0 +1,620 @@
+"""Image-classification datasets as in-memory tensors: find, check, load.
+
+The datasets are the ones the papers in METHODS.md §3 use: CIFAR10 / CIFAR100 / GTSRB (FTP§4.2),
+STL10 / SVHN / Fashion-MNIST (thesis §4.4.1), plus scikit-learn's 8x8 `digits`, which ships
+with scikit-learn and so is always available (for tests and smoke runs).
+
+Design (DESIGN.md "Defaults that must just work"): every on-disk layout is read by a small reader
+in this module (idx, CIFAR pickle batches, SVHN .mat, STL-10 binary, GTSRB folders), so loading
+needs no network and skips torchvision's md5 checks; torchvision is used only to download, and only
+when the caller passes `download=True`.
+
+Where data is looked for (`data_roots`): the explicit `--data-root`, then `$SECSWEEP_DATA`
+(several directories may be joined with `os.pathsep`), then the user cache
+(`$XDG_CACHE_HOME/secsweep/data`, default `~/.cache/secsweep/data`), then system locations
+(`/usr/share/datasets`, where the Debian package `dataset-fashion-mnist` puts its files). Downloads
+go to the first of these roots (never a system location).
+
+Every `load` returns fresh float tensors that the caller owns and may modify in place (poisoning
+does). Decoded uint8 pixels are cached per process, so a second `load` of the same data only pays
+the uint8 -> float conversion (and resizing, if asked).
+
+Safety (DESIGN.md "Safety"): CIFAR ships as Python pickles; they are read with an unpickler that
+only resolves the few numpy names a pickled array needs, so a tampered file cannot run code.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import gzip
+import importlib
+import logging
+import os
+import pathlib
+import pickle
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from secsweep.errors import ConfigError, DatasetMissingError, SecsweepError
+
+log = logging.getLogger(__name__)
+
+DATASETS: tuple[str, ...] = ("fashion_mnist", "digits", "cifar10", "cifar100", "svhn", "stl10", "gtsrb")
+SPLITS: tuple[str, ...] = ("train", "test")
+CHANNELS: tuple[int, ...] = (1, 3)
+
+# Classes per dataset (METHODS.md §3; digits: scikit-learn's load_digits).
+_NUM_CLASSES: dict[str, int] = {
+    "fashion_mnist": 10,
+    "digits": 10,
+    "cifar10": 10,
+    "cifar100": 100,
+    "svhn": 10,
+    "stl10": 10,
+    "gtsrb": 43,
+}
+
+# (C, H, W) as loaded without `image_size`. GTSRB images vary in size (about 15..250 px); they are
+# resized to 32x32, the usual CIFAR-sized choice. FTP§4.2 states 48x48 for its GTSRB runs: pass
+# image_size=48 to match that.
+_NATIVE_SHAPE: dict[str, tuple[int, int, int]] = {
+    "fashion_mnist": (1, 28, 28),
+    "digits": (1, 8, 8),
+    "cifar10": (3, 32, 32),
+    "cifar100": (3, 32, 32),
+    "svhn": (3, 32, 32),
+    "stl10": (3, 96, 96),
+    "gtsrb": (3, 32, 32),
+}
+
+_SYSTEM_ROOTS: tuple[str, ...] = ("/usr/share/datasets",)
+
+_DIGITS_SEED = 0             # seed of the fixed permutation that splits `digits`
+_DIGITS_TRAIN_FRACTION = 0.8  # fraction of the 1797 digits images in the train split
+
+# Files each layout must hold, per split. Fashion-MNIST files may also carry a `.gz` suffix.
+_FMNIST_FILES: dict[str, tuple[str, str]] = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_FMNIST_DIRS: tuple[str, ...] = ("fashion-mnist", "fashion_mnist", "FashionMNIST/raw")
+_CIFAR10_FILES: dict[str, tuple[str, ...]] = {
+    "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
+    "test": ("test_batch",),
+}
+_CIFAR100_FILES: dict[str, tuple[str, ...]] = {"train": ("train",), "test": ("test",)}
+_SVHN_FILES: dict[str, tuple[str, ...]] = {"train": ("train_32x32.mat",), "test": ("test_32x32.mat",)}
+_STL10_FILES: dict[str, tuple[str, ...]] = {
+    "train": ("train_X.bin", "train_y.bin"),
+    "test": ("test_X.bin", "test_y.bin"),
+}
+_GTSRB_PATHS: dict[str, tuple[str, ...]] = {
+    "train": ("GTSRB/Training",),
+    "test": ("GTSRB/Final_Test/Images", "GT-final_test.csv"),
+}
+# Sub-directory of a root holding each dataset (torchvision's layout; Fashion-MNIST: _FMNIST_DIRS).
+_SUBDIR: dict[str, str] = {
+    "fashion_mnist": "fashion-mnist",
+    "cifar10": "cifar-10-batches-py",
+    "cifar100": "cifar-100-python",
+    "svhn": "svhn",
+    "stl10": "stl10_binary",
+    "gtsrb": "gtsrb",
+}
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """A labelled image set held in memory.
+
+    `images` is float32 (N, C, H, W) with values in [0, 1]; `labels` is int64 (N,) with values in
+    [0, num_classes). The dataclass is frozen but the tensors are not: sets returned by `load` are
+    owned by the caller, who may modify them in place.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4:
+            raise ValueError(f"images.shape={tuple(self.images.shape)}: must be (N, C, H, W)")
+        if self.labels.ndim != 1 or self.labels.shape[0] != self.images.shape[0]:
+            raise ValueError(
+                f"labels.shape={tuple(self.labels.shape)}: must be ({self.images.shape[0]},), one label per image"
+            )
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        """The images selected by `index` (int64 positions or a bool mask of length N)."""
+        return ImageSet(self.images[index], self.labels[index], self.num_classes, self.name)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        c, h, w = self.images.shape[1:]
+        return int(c), int(h), int(w)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise ConfigError(f"dataset={name!r}: must be one of {', '.join(DATASETS)}")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r}: must be one of {', '.join(SPLITS)}")
+
+
+def num_classes(name: str) -> int:
+    """Number of classes of dataset `name` (METHODS.md §3)."""
+    _check_name(name)
+    return _NUM_CLASSES[name]
+
+
+def native_shape(name: str) -> tuple[int, int, int]:
+    """(C, H, W) of dataset `name` as `load` returns it without `image_size` / `channels`."""
+    _check_name(name)
+    return _NATIVE_SHAPE[name]
+
+
+# ----------------------------------------------------------------------------- where data lives
+
+
+def _user_cache() -> pathlib.Path:
+    """`$XDG_CACHE_HOME/secsweep/data` (XDG base-directory spec; must be absolute), else `~/.cache/...`."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = pathlib.Path(xdg) if xdg and os.path.isabs(xdg) else pathlib.Path.home() / ".cache"
+    return base / "secsweep" / "data"
+
+
+def data_roots(explicit: str | os.PathLike | None = None) -> list[pathlib.Path]:
+    """Directories searched for datasets, first match wins.
+
+    Order: `explicit` (the `--data-root` flag), `$SECSWEEP_DATA` (may hold several directories
+    joined by `os.pathsep`), the user cache, then system locations (`/usr/share/datasets`).
+    Directories need not exist; duplicates are dropped.
+    """
+    candidates: list[pathlib.Path] = []
+    if explicit is not None and str(explicit) != "":
+        candidates.append(pathlib.Path(explicit).expanduser())
+    for part in os.environ.get("SECSWEEP_DATA", "").split(os.pathsep):
+        if part:
+            candidates.append(pathlib.Path(part).expanduser())
+    candidates.append(_user_cache())
+    candidates.extend(pathlib.Path(p) for p in _SYSTEM_ROOTS)
+    roots: list[pathlib.Path] = []
+    for path in candidates:
+        if path not in roots:
+            roots.append(path)
+    return roots
+
+
+def _download_root(explicit: str | os.PathLike | None) -> pathlib.Path:
+    """Where downloads go: the first root that is not a system location."""
+    system = {pathlib.Path(p) for p in _SYSTEM_ROOTS}
+    return next(r for r in data_roots(explicit) if r not in system)
+
+
+def _dataset_dirs(name: str, root: pathlib.Path) -> list[pathlib.Path]:
+    """Directories under `root` that may hold dataset `name`, in the order they are tried."""
+    if name == "fashion_mnist":
+        dirs = [root / d for d in _FMNIST_DIRS]
+        if root.name in ("fashion-mnist", "fashion_mnist"):  # `--data-root .../fashion-mnist` itself
+            dirs.insert(0, root)
+        return dirs
+    return [root / _SUBDIR[name]]
+
+
+def _fmnist_file(directory: pathlib.Path, stem: str) -> pathlib.Path | None:
+    """`stem` or `stem.gz` in `directory` (plain preferred: no decompression)."""
+    for candidate in (directory / stem, directory / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _has_split(name: str, directory: pathlib.Path, split: str) -> bool:
+    """Whether `directory` holds the files of `split` (existence only, contents are not read)."""
+    if name == "fashion_mnist":
+        return all(_fmnist_file(directory, stem) is not None for stem in _FMNIST_FILES[split])
+    if name == "gtsrb":
+        return all((directory / p).exists() for p in _GTSRB_PATHS[split])
+    files = {"cifar10": _CIFAR10_FILES, "cifar100": _CIFAR100_FILES, "svhn": _SVHN_FILES, "stl10": _STL10_FILES}
+    return all((directory / f).is_file() for f in files[name][split])
+
+
+def _find(name: str, split: str, roots: list[pathlib.Path]) -> pathlib.Path | None:
+    """First directory, over `roots` in order, that holds `split` of dataset `name`."""
+    for root in roots:
+        for directory in _dataset_dirs(name, root):
+            if _has_split(name, directory, split):
+                return directory
+    return None
+
+
+def _missing_message(name: str, roots: list[pathlib.Path], download_root: pathlib.Path) -> str:
+    """One line: which dataset, where it was looked for, how to get it."""
+    where = ", ".join(str(r) for r in roots)
+    if name == "fashion_mnist":
+        subdirs = " or ".join(f"{d}/" for d in _FMNIST_DIRS)
+        how = "apt-get install dataset-fashion-mnist, or set SECSWEEP_DATA, or pass --download with internet"
+    else:
+        subdirs = f"{_SUBDIR[name]}/"
+        place = download_root / _SUBDIR[name]
+        how = f"pass --download (needs internet) or place torchvision's files under {place}"
+    return f"dataset {name!r} not found: looked for {subdirs} under {where}; to get it: {how}"
+
+
+# ----------------------------------------------------------------------------- downloading
+
+
+def _download(name: str, target: pathlib.Path) -> None:
+    """Download both splits of `name` into `target` with torchvision (needs internet)."""
+    import filelock  # lazy: only downloads need the lock
+
+    target.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s into %s", name, target)
+    # One downloader per dataset and root: trials started together wait, then find the files
+    # (torchvision skips files that are already there).
+    lock = filelock.FileLock(str(target / f".{name}.download.lock"))
+    try:
+        with lock:
+            _download_unlocked(name, target)
+    except Exception as exc:  # network errors come as URLError, HTTPError, RuntimeError, OSError
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise DatasetMissingError(
+            f"dataset {name!r}: download into {target} failed ({type(exc).__name__}: {first_line}); "
+            f"check the internet connection or place torchvision's files there by hand"
+        ) from exc
+
+
+def _download_unlocked(name: str, target: pathlib.Path) -> None:
+    """The torchvision calls that fetch both splits of `name` into `target` (torchvision's layout)."""
+    import torchvision.datasets as tvd  # lazy: only downloads need torchvision (slow to import)
+
+    root = str(target)
+    calls: dict[str, Callable[[], object]] = {
+        "fashion_mnist": lambda: tvd.FashionMNIST(root=root, train=True, download=True),  # both splits
+        "cifar10": lambda: tvd.CIFAR10(root=root, train=True, download=True),  # one archive, both splits
+        "cifar100": lambda: tvd.CIFAR100(root=root, train=True, download=True),
+        "svhn": lambda: [tvd.SVHN(root=str(target / _SUBDIR["svhn"]), split=s, download=True) for s in SPLITS],
+        "stl10": lambda: tvd.STL10(root=root, split="train", download=True),  # one archive, all splits
+        "gtsrb": lambda: [tvd.GTSRB(root=root, split=s, download=True) for s in SPLITS],
+    }
+    calls[name]()
+
+
+def check_available(name: str, root: str | os.PathLike | None = None, *, download: bool = False) -> None:
+    """Fail early, before any trial starts, if dataset `name` is not on disk.
+
+    Cheap: checks that the files of both splits exist, reads none of them. With `download=True`
+    and the files missing, downloads them now (once, on the caller's machine, so parallel trials
+    do not race to download the same files). Raises DatasetMissingError with a one-line message.
+    """
+    _check_name(name)
+    if name == "digits":  # ships with scikit-learn
+        return
+    roots = data_roots(root)
+    if all(_find(name, split, roots) is not None for split in SPLITS):
+        return
+    target = _download_root(root)
+    if not download:
+        raise DatasetMissingError(_missing_message(name, roots, target))
+    _download(name, target)
+    if not all(_find(name, split, roots) is not None for split in SPLITS):
+        raise DatasetMissingError(_missing_message(name, roots, target))
+
+
+# ----------------------------------------------------------------------------- readers
+# Each reader returns (pixels uint8 (N, C, H, W), labels int64 (N,)).
+
+
+def _read_maybe_gzip(path: pathlib.Path) -> bytes:
+    """File contents, gunzipped when the file starts with the gzip magic bytes 1f 8b."""
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if head == b"\x1f\x8b":
+        with gzip.open(path, "rb") as fh:
+            return fh.read()
+    return path.read_bytes()
+
+
+def _read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Parse an idx file (the MNIST / Fashion-MNIST format), plain or gzip-compressed.
+
+    Format (LeCun et al., MNIST database page): 2 zero bytes, a type byte (0x08 = uint8, the only
+    type supported here), a byte with the number of dimensions d, then d big-endian uint32 sizes,
+    then the payload in C order.
+    """
+    path = pathlib.Path(path)
+    raw = _read_maybe_gzip(path)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise SecsweepError(
+            f"{path}: not an idx file (magic number must start with two zero bytes); re-download it"
+        )
+    if raw[2] != 0x08:
+        raise SecsweepError(f"{path}: idx type byte 0x{raw[2]:02x} unsupported; only 0x08 (uint8) is allowed")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise SecsweepError(f"{path}: idx header truncated ({len(raw)} bytes, need {header}); re-download it")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = int(np.prod(dims, dtype=np.int64))
+    if len(raw) - header != expected:
+        raise SecsweepError(
+            f"{path}: idx payload has {len(raw) - header} bytes, dims {dims} need {expected}; re-download it"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _read_fashion_mnist(directory: pathlib.Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    image_stem, label_stem = _FMNIST_FILES[split]
+    image_path = _fmnist_file(directory, image_stem)
+    label_path = _fmnist_file(directory, label_stem)
+    assert image_path is not None and label_path is not None  # _find checked both exist
+    images = _read_idx(image_path)
+    labels = _read_idx(label_path)
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise SecsweepError(
+            f"{directory}: idx shapes images={images.shape} labels={labels.shape} must be (N, H, W) and (N,)"
+        )
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only what a pickled numpy array needs (no arbitrary code)."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a dataset pickle")
+        if module == "_codecs":
+            return codecs.encode
+        if module == "numpy":
+            return getattr(np, name)
+        # numpy >= 2 moved numpy.core to numpy._core; old pickles (CIFAR's) name numpy.core.
+        private = module.replace("numpy.core.", "numpy._core.")
+        try:
+            return getattr(importlib.import_module(private), name)
+        except ImportError:
+            return getattr(importlib.import_module(module.replace("numpy._core.", "numpy.core.")), name)
+
+
+def _load_pickle(path: pathlib.Path) -> dict:
+    """One CIFAR python batch: a dict with str keys (the files were pickled by Python 2)."""
+    with open(path, "rb") as fh:
+        try:
+            obj = _ArrayUnpickler(fh, encoding="latin1").load()
+        except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+            raise SecsweepError(f"{path}: unreadable CIFAR batch ({exc}); re-download it") from exc
+    if not isinstance(obj, dict):
+        raise SecsweepError(f"{path}: CIFAR batch is a {type(obj).__name__}, must be a dict")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _read_cifar(
+    directory: pathlib.Path, files: tuple[str, ...], label_key: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10/100 python batches: 'data' is (N, 3072) uint8, rows are R then G then B planes of 32x32."""
+    pixels, labels = [], []
+    for file in files:
+        batch = _load_pickle(directory / file)
+        if "data" not in batch or label_key not in batch:
+            raise SecsweepError(f"{directory / file}: CIFAR batch lacks 'data' or {label_key!r}; re-download it")
+        pixels.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(pixels)), torch.from_numpy(np.concatenate(labels))
+
+
+def _read_cifar10(directory: pathlib.Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _read_cifar(directory, _CIFAR10_FILES[split], "labels")
+
+
+def _read_cifar100(directory: pathlib.Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _read_cifar(directory, _CIFAR100_FILES[split], "fine_labels")
+
+
+def _read_svhn(directory: pathlib.Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVHN cropped digits (.mat): X is (32, 32, 3, N) uint8, y is (N, 1) with digit 0 stored as 10."""
+    import scipy.io  # lazy: only SVHN needs scipy
+
+    mat = scipy.io.loadmat(str(directory / _SVHN_FILES[split][0]))
+    pixels = np.ascontiguousarray(np.transpose(mat["X"], (3, 2, 0, 1)).astype(np.uint8))  # (N, C, H, W)
+    labels = mat["y"].astype(np.int64).reshape(-1)
+    labels[labels == 10] = 0
+    return torch.from_numpy(pixels), torch.from_numpy(labels)
+
+
+def _read_stl10(directory: pathlib.Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """STL-10 binary: uint8 images stored channel by channel in column-major order, labels 1..10."""
+    x_file, y_file = _STL10_FILES[split]
+    flat = np.fromfile(directory / x_file, dtype=np.uint8)
+    if flat.size % (3 * 96 * 96):
+        raise SecsweepError(
+            f"{directory / x_file}: size {flat.size} bytes is not a multiple of 3*96*96; re-download it"
+        )
+    pixels = np.ascontiguousarray(flat.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2))
+    labels = np.fromfile(directory / y_file, dtype=np.uint8).astype(np.int64) - 1
+    return torch.from_numpy(pixels), torch.from_numpy(labels)
+
+
+def _read_gtsrb(directory: pathlib.Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GTSRB .ppm images of varying size, each resized to size x size (PIL bilinear, antialiased).
+
+    Train: `GTSRB/Training/<class id, 5 digits>/*.ppm`; test: `GTSRB/Final_Test/Images/*.ppm`
+    labelled by `GT-final_test.csv` (';'-separated, columns Filename and ClassId).
+    """
+    from PIL import Image  # lazy: only GTSRB decodes image files
+
+    if split == "train":
+        train_dir = directory / _GTSRB_PATHS["train"][0]
+        samples = [
+            (ppm, int(class_dir.name))
+            for class_dir in sorted(p for p in train_dir.iterdir() if p.is_dir() and p.name.isdigit())
+            for ppm in sorted(class_dir.glob("*.ppm"))
+        ]
+    else:
+        image_dir = directory / _GTSRB_PATHS["test"][0]
+        with open(directory / _GTSRB_PATHS["test"][1], newline="") as fh:
+            rows = csv.DictReader(fh, delimiter=";", skipinitialspace=True)
+            samples = [(image_dir / row["Filename"], int(row["ClassId"])) for row in rows]
+    pixels = np.empty((len(samples), size, size, 3), dtype=np.uint8)
+    for i, (path, _) in enumerate(samples):
+        with Image.open(path) as img:
+            pixels[i] = np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+    labels = np.array([label for _, label in samples], dtype=np.int64)
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
+
+
+def _read_digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn digits (1797 images, 8x8, values 0..16) split 80/20 by a fixed-seed permutation."""
+    from sklearn.datasets import load_digits  # lazy: scikit-learn is slow to import
+
+    bunch = load_digits()
+    order = np.random.default_rng(_DIGITS_SEED).permutation(len(bunch.target))
+    n_train = int(_DIGITS_TRAIN_FRACTION * len(order))
+    index = order[:n_train] if split == "train" else order[n_train:]
+    pixels = bunch.images[index].astype(np.uint8)[:, None]  # (N, 1, 8, 8), values 0..16
+    return torch.from_numpy(np.ascontiguousarray(pixels)), torch.from_numpy(bunch.target[index].astype(np.int64))
+
+
+_READERS: dict[str, Callable[[pathlib.Path, str], tuple[torch.Tensor, torch.Tensor]]] = {
+    "fashion_mnist": _read_fashion_mnist,
+    "cifar10": _read_cifar10,
+    "cifar100": _read_cifar100,
+    "svhn": _read_svhn,
+    "stl10": _read_stl10,
+}
+
+# Decoded uint8 pixels and labels, keyed by (name, split, source directory, GTSRB size).
+_RAW_CACHE: dict[tuple[str, str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _clear_cache() -> None:
+    """Forget decoded datasets (tests; or to free memory)."""
+    _RAW_CACHE.clear()
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _check_options(image_size: int | None, channels: int | None) -> None:
+    if image_size is not None and (type(image_size) is not int or image_size < 1):  # bool excluded too
+        raise ConfigError(f"image_size={image_size!r}: must be a positive int (pixels per side) or None")
+    if channels is not None and (type(channels) is not int or channels not in CHANNELS):
+        raise ConfigError(f"channels={channels!r}: must be one of {', '.join(map(str, CHANNELS))} or None")
+
+
+def _to_float(pixels: torch.Tensor, max_value: float = 255.0) -> torch.Tensor:
+    """uint8 pixels in [0, max_value] -> new float32 tensor in [0, 1]."""
+    return pixels.to(torch.float32).div_(max_value)
+
+
+def _convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, channels, H, W): 1 -> 3 repeats the grey plane, 3 -> 1 averages R, G, B.
+
+    The plain average (not ITU-R luma weights) is used: no paper in METHODS.md specifies a grey
+    conversion. Returns `images` itself when it already has `channels` channels.
+    """
+    have = images.shape[1]
+    if have == channels:
+        return images
+    if have == 1 and channels == 3:
+        return images.repeat(1, 3, 1, 1)  # a copy, not an expand view: callers write in place
+    if have == 3 and channels == 1:
+        return images.mean(dim=1, keepdim=True)
+    raise ConfigError(f"channels={channels}: cannot convert from {have} channels; allowed: 1 <-> 3")
+
+
+def _resize(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """(N, C, H, W) float -> (N, C, image_size, image_size), bilinear with antialiasing, kept in [0, 1].
+
+    Thesis §4.4.1 only says samples are "reshaped" to 32x32x3 / 224x224x3; bilinear + antialias
+    is the torchvision default for tensors. Returns `images` itself when it is already that size.
+    """
+    if tuple(images.shape[2:]) == (image_size, image_size):
+        return images
+    size = (image_size, image_size)
+    out = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return out.clamp_(0.0, 1.0)
+
+
+def _raw(
+    name: str, split: str, root: str | os.PathLike | None, download: bool, gtsrb_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded uint8 pixels and int64 labels of one split (cached per process; do not modify)."""
+    if name == "digits":
+        key = (name, split, "", 0)
+        if key not in _RAW_CACHE:
+            _RAW_CACHE[key] = _read_digits(split)
+        return _RAW_CACHE[key]
+    roots = data_roots(root)
+    directory = _find(name, split, roots)
+    if directory is None:
+        target = _download_root(root)
+        if not download:
+            raise DatasetMissingError(_missing_message(name, roots, target))
+        _download(name, target)
+        directory = _find(name, split, roots)
+        if directory is None:
+            raise DatasetMissingError(_missing_message(name, roots, target))
+    key = (name, split, str(directory.resolve()), gtsrb_size if name == "gtsrb" else 0)
+    if key not in _RAW_CACHE:
+        log.info("loading %s/%s from %s", name, split, directory)
+        if name == "gtsrb":
+            _RAW_CACHE[key] = _read_gtsrb(directory, split, gtsrb_size)
+        else:
+            _RAW_CACHE[key] = _READERS[name](directory, split)
+    return _RAW_CACHE[key]
+
+
+def load(
+    name: str,
+    split: str = "train",
+    root: str | os.PathLike | None = None,
+    *,
+    download: bool = False,
+    image_size: int | None = None,
+    channels: int | None = None,
+) -> ImageSet:
+    """Load one split of dataset `name` as float32 (N, C, H, W) images in [0, 1] and int64 labels.
+
+    `root` is the `--data-root` flag (searched first, see `data_roots`). `image_size` resizes to
+    image_size x image_size (pixels per side; bilinear, antialiased); `channels` (1 or 3)
+    converts grey <-> colour. With `download=True`, missing files are downloaded by torchvision.
+    The returned tensors are new: the caller may modify them in place.
+    """
+    _check_name(name)
+    _check_split(split)
+    _check_options(image_size, channels)
+    gtsrb_size = image_size if image_size is not None else _NATIVE_SHAPE["gtsrb"][1]
+    pixels, labels = _raw(name, split, root, download, gtsrb_size)
+    images = _to_float(pixels, 16.0 if name == "digits" else 255.0)  # digits values are 0..16
+    if channels == 1:  # reduce channels before resizing (less work), expand after
+        images = _convert_channels(images, 1)
+    if image_size is not None:
+        images = _resize(images, image_size)
+    if channels == 3:
+        images = _convert_channels(images, 3)
+    return ImageSet(images=images, labels=labels.clone(), num_classes=_NUM_CLASSES[name], name=name)

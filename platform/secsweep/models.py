@@ -1,0 +1,246 @@
+"""Image classifiers used by attacks, defenses and detectors, behind a name registry.
+
+Every model maps a float batch (N, C, H, W) with H, W >= 8 to logits (N, num_classes); global
+adaptive average pooling makes the spatial size free. Defenses need the same handles on every
+model, so each one exposes:
+
+* ``features(x) -> (N, D)``: the penultimate representation (after global pooling, before the head),
+  used by Activation Clustering and Spectral Signatures (METHODS.md §5.3);
+* ``head``: the final ``nn.Linear(D, num_classes)``; transfer-based experiments replace it with
+  ``model.head = nn.Linear(model.feature_dim, k)`` (METHODS.md §4.0, transfer-based scenario);
+* ``last_conv``: the last ``nn.Conv2d`` before the pooling, whose output channels Fine-Pruning masks
+  (METHODS.md §5.3). For every built-in model ``last_conv.out_channels == feature_dim``;
+* ``attention_layers()``: the modules whose outputs Neural Attention Distillation turns into
+  attention maps (METHODS.md §5.3);
+* ``feature_dim``: D, an int;
+* ``forward(x) == head(features(x))``.
+
+Adding a model is one decorated builder in this module: ``@register_model("name")``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from secsweep.errors import ConfigError
+
+MIN_IMAGE_SIZE = 8  # pixels: smallest side every model accepts (three stride-2 steps leave 1x1)
+
+ModelBuilder = Callable[..., nn.Module]
+MODELS: dict[str, ModelBuilder] = {}
+
+
+def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Decorator adding a builder ``fn(num_classes, in_channels, image_size, **options)`` to MODELS."""
+
+    def decorator(fn: ModelBuilder) -> ModelBuilder:
+        if name in MODELS:
+            raise ConfigError(f"model={name!r}: already registered by {MODELS[name].__qualname__}")
+        MODELS[name] = fn
+        return fn
+
+    return decorator
+
+
+def model_names() -> tuple[str, ...]:
+    """Registered model names, sorted."""
+    return tuple(sorted(MODELS))
+
+
+def _check_options(name: str, builder: ModelBuilder, options: dict[str, Any]) -> None:
+    """Raise ConfigError for keyword options the builder does not accept."""
+    fixed = {"num_classes", "in_channels", "image_size"}
+    allowed = sorted(p for p in inspect.signature(builder).parameters if p not in fixed)
+    for key in options:
+        if key not in allowed:
+            raise ConfigError(
+                f"model option {key!r} for model={name!r}: must be one of {', '.join(allowed) or '(none)'}"
+            )
+
+
+def build_model(
+    name: str, num_classes: int, in_channels: int = 3, image_size: int = 32, **options: Any
+) -> nn.Module:
+    """Build the registered model `name` for `num_classes` classes and `in_channels`-channel images.
+
+    `image_size` (pixels, the shorter side) is only validated: every model pools adaptively.
+    `options` are model-specific keywords, e.g. ``width`` for smallcnn.
+    """
+    if name not in MODELS:
+        raise ConfigError(f"model={name!r}: must be one of {', '.join(model_names())}")
+    if num_classes < 1:
+        raise ConfigError(f"num_classes={num_classes}: must be >= 1")
+    if in_channels < 1:
+        raise ConfigError(f"in_channels={in_channels}: must be >= 1")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ConfigError(f"image_size={image_size}: must be >= {MIN_IMAGE_SIZE} pixels")
+    builder = MODELS[name]
+    _check_options(name, builder, options)
+    return builder(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **options)
+
+
+# --------------------------------------------------------------------------------------------------
+# smallcnn: the fast CPU model of the offline default (Fashion-MNIST, 1x28x28, 10 classes)
+# --------------------------------------------------------------------------------------------------
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    """3x3 conv (stride 1, padding 1, no bias: BN follows) -> BatchNorm -> ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class SmallCNN(nn.Module):
+    """Three conv-BN-ReLU blocks (widths w, 2w, 4w), 2x2 max-pool after the first two, GAP, linear.
+
+    Not from a paper: a secsweep default sized so one epoch of 20k Fashion-MNIST images trains in
+    seconds on two CPU cores. ``width`` = 32 (channels of the first block) gives 32, 64, 128.
+    NAD's attention layers are the three blocks (``block1``, ``block2``, ``block3``; outputs after
+    each block's ReLU, before the max-pool).
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 32) -> None:
+        super().__init__()
+        if width < 1:
+            raise ConfigError(f"width={width}: must be >= 1")
+        self.block1 = _conv_bn_relu(in_channels, width)
+        self.pool1 = nn.MaxPool2d(2)
+        self.block2 = _conv_bn_relu(width, 2 * width)
+        self.pool2 = nn.MaxPool2d(2)
+        self.block3 = _conv_bn_relu(2 * width, 4 * width)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = 4 * width
+        self.head = nn.Linear(self.feature_dim, num_classes)
+
+    @property
+    def last_conv(self) -> nn.Conv2d:
+        """The conv of block3; its channels feed the global pool one-to-one (after BN and ReLU)."""
+        return self.block3[0]
+
+    def attention_layers(self) -> list[nn.Module]:
+        """[block1, block2, block3]: NAD attention maps come from each block's output."""
+        return [self.block1, self.block2, self.block3]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate representation (N, feature_dim), after global average pooling."""
+        x = self.pool1(self.block1(x))
+        x = self.pool2(self.block2(x))
+        x = self.block3(x)
+        return torch.flatten(self.pool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, num_classes) = head(features(x))."""
+        return self.head(self.features(x))
+
+
+@register_model("smallcnn")
+def smallcnn(num_classes: int, in_channels: int = 3, image_size: int = 32, width: int = 32) -> nn.Module:
+    """SmallCNN; `width` (channels of the first block, default 32) scales all three blocks."""
+    return SmallCNN(num_classes, in_channels, width=width)
+
+
+# --------------------------------------------------------------------------------------------------
+# preact_resnet18: He et al. 2016, "Identity Mappings in Deep Residual Networks" (ECCV), CIFAR variant
+# --------------------------------------------------------------------------------------------------
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block (He et al. 2016, Fig. 4e): BN-ReLU-conv3x3, BN-ReLU-conv3x3, + shortcut.
+
+    The shortcut is the identity, or a bias-free 1x1 conv applied to the pre-activated input when the
+    stride or the width changes (the projection shortcut of He et al., as in BackdoorBench).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, in, H, W) -> (N, out, H/stride, W/stride)."""
+        out = torch.relu(self.bn1(x))
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(torch.relu(self.bn2(out)))
+        return out + skip
+
+
+class PreActResNet18(nn.Module):
+    """Pre-activation ResNet-18 (He et al. 2016), the architecture BackdoorBench recommends (FTP §4.4).
+
+    CIFAR stem: one 3x3 conv, 64 channels, stride 1, no max-pool. Four stages of two PreActBlocks,
+    widths 64, 128, 256, 512 and strides 1, 2, 2, 2; a final BN + ReLU (pre-activation nets need it
+    because blocks end in a conv, He et al. 2016 §4), global average pool, linear head.
+    11,172,170 parameters for 10 classes (BackdoorBench's variant without the final BN: 11,171,146).
+
+    NAD's attention layers are the outputs of the last three stages (``layer2``, ``layer3``,
+    ``layer4``), the counterpart of the three residual groups of WRN-16-1 that Li et al. (ICLR 2021)
+    distil. (BackdoorBench's NAD uses layer3, layer4 and the pooled layer4 output instead.)
+
+    ``last_conv`` is ``layer4[-1].conv2``; its 512 output channels equal ``feature_dim``, but they
+    are added to the identity shortcut before the final BN, so masking them silences the residual
+    branch only. To silence a feature channel completely, mask the matching input column of
+    ``head`` (what BackdoorBench's Fine-Pruning does) or the output of ``features``.
+    """
+
+    widths = (64, 128, 256, 512)  # channels per stage (He et al. 2016, CIFAR ResNet-18 widths)
+    strides = (1, 2, 2, 2)  # first-block stride per stage
+    blocks_per_stage = 2  # ResNet-18: 2 basic blocks per stage
+
+    def __init__(self, num_classes: int, in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, self.widths[0], 3, stride=1, padding=1, bias=False)
+        stages = []
+        channels = self.widths[0]
+        for width, stride in zip(self.widths, self.strides):
+            stages.append(self._stage(channels, width, stride))
+            channels = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.bn = nn.BatchNorm2d(channels)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = channels
+        self.head = nn.Linear(channels, num_classes)
+
+    def _stage(self, in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+        """`blocks_per_stage` PreActBlocks; only the first one changes stride and width."""
+        blocks = [PreActBlock(in_channels, out_channels, stride)]
+        blocks += [PreActBlock(out_channels, out_channels, 1) for _ in range(self.blocks_per_stage - 1)]
+        return nn.Sequential(*blocks)
+
+    @property
+    def last_conv(self) -> nn.Conv2d:
+        """conv2 of the last block of stage 4 (see the class docstring on the residual sum)."""
+        return self.layer4[-1].conv2
+
+    def attention_layers(self) -> list[nn.Module]:
+        """[layer2, layer3, layer4]: outputs of the last three stages, for NAD attention maps."""
+        return [self.layer2, self.layer3, self.layer4]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate representation (N, 512), after final BN-ReLU and global average pooling."""
+        x = self.conv1(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = torch.relu(self.bn(x))
+        return torch.flatten(self.pool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, num_classes) = head(features(x))."""
+        return self.head(self.features(x))
+
+
+@register_model("preact_resnet18")
+def preact_resnet18(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    """PreActResNet18 (He et al. 2016; FTP §4.4's backdoored-model architecture)."""
+    return PreActResNet18(num_classes, in_channels)

@@ -1,0 +1,199 @@
+"""Running trainables inside Ray: the Tune trial entry point and the multi-worker (Ray Train) path.
+
+One code path for the trainable: `fn(cfg, ctx)`. A single-device trial runs it in the Tune trial
+process with a `TuneContext`; a multi-worker trial (`num_workers > 1`) launches a Ray Train V2
+`TorchTrainer` from inside the Tune trial, whose workers run the same function with a
+`TrainContext` (DDP), and `TuneReportCallback` forwards rank 0's reports to Tune.
+
+Checkpoints hold `state.pt` (the trainable's resume state: tensors and numbers, read back with
+`torch.load(weights_only=True)`) and `artifacts/` (the trial's plots), so a restarted trial resumes at
+its last epoch and its files reach the driver through Ray's own storage sync, on any storage path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import registry
+from .context import Context
+
+log = logging.getLogger(__name__)
+STATE_FILE = "state.pt"
+ARTIFACTS = "artifacts"
+PARAMS_KEY = "params"  # Tune config key holding the trainable's config values
+TRAINABLE_KEY = "trainable"
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Per-sweep settings every trial needs (picklable; shipped to the workers)."""
+
+    stage_root: str
+    data_root: str | None = None
+    download: bool = False
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    num_workers: int = 1          # > 1: a Ray Train TorchTrainer with this many DDP workers per trial
+    storage_path: str = ""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(gpus: float) -> str:
+    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def write_checkpoint_dir(directory: Path, state: dict | None, artifacts: Path | None) -> Path:
+    if state is not None:
+        torch.save(state, directory / STATE_FILE)
+    if artifacts is not None and artifacts.is_dir():
+        shutil.copytree(artifacts, directory / ARTIFACTS, dirs_exist_ok=True)
+    return directory
+
+
+def read_checkpoint_dir(directory: Path, workdir: Path) -> dict | None:
+    """Load the resume state (weights_only: checkpoints are data, never code) and restore artifacts."""
+    if (directory / ARTIFACTS).is_dir():
+        shutil.copytree(directory / ARTIFACTS, workdir / ARTIFACTS, dirs_exist_ok=True)
+    f = directory / STATE_FILE
+    return torch.load(f, map_location="cpu", weights_only=True) if f.exists() else None
+
+
+class TuneContext(Context):
+    """Reports to Ray Tune from the trial process, with a checkpoint per report that has state."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        from ray import tune
+
+        self._tune = tune
+        ckpt = tune.get_checkpoint()
+        self._state = None
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                self._state = read_checkpoint_dir(Path(d), self.workdir)
+
+    def _emit(self, metrics, state):
+        if state is None:
+            self._tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            write_checkpoint_dir(Path(d), state, self.workdir / ARTIFACTS)
+            self._tune.report(metrics, checkpoint=self._tune.Checkpoint.from_directory(d))
+
+    def restored(self):
+        return self._resumed_from(self._state)
+
+
+class TrainContext(Context):
+    """A Ray Train worker: DDP model, sharded data, every rank reports, rank 0 checkpoints."""
+
+    def __init__(self, **kw):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        super().__init__(device=ray.train.torch.get_device(), **kw)
+        self._train = ray.train
+        self._state = None
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                self._state = read_checkpoint_dir(Path(d), self.workdir)
+
+    def prepare_model(self, model):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def all_reduce_mean(self, value: float) -> float:
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return (t / self.world_size).item()
+
+    def _emit(self, metrics, state):
+        if state is None or self.rank != 0:
+            self._train.report(metrics)  # every rank must report (Train synchronises on it)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            write_checkpoint_dir(Path(d), state, self.workdir / ARTIFACTS)
+            self._train.report(metrics, checkpoint=self._train.Checkpoint.from_directory(d))
+
+    def restored(self):
+        return self._resumed_from(self._state)
+
+
+def _build(config: dict) -> tuple[registry.TrainableSpec, Any]:
+    values = dict(config[PARAMS_KEY])
+    spec = registry.get(values.pop(TRAINABLE_KEY))
+    return spec, spec.build_config(values)
+
+
+def _train_worker(loop_config: dict) -> None:
+    """Body of every Ray Train worker of a multi-worker trial."""
+    settings: RuntimeSettings = loop_config["settings"]
+    spec, cfg = _build(loop_config["config"])
+    seed_everything(getattr(cfg, "seed", 0))
+    ctx = TrainContext(
+        workdir=Path(loop_config["workdir"]) / f"rank{os.environ.get('RANK', '0')}",
+        data_root=settings.data_root, download=settings.download, stage_root=settings.stage_root,
+        devices_per_trial=max(settings.gpus_per_trial, 1.0) * settings.num_workers,
+    )
+    spec.fn(cfg, ctx)
+
+
+def trial_entry(config: dict, settings: RuntimeSettings) -> None:
+    """The Tune function trainable: resolve the config, seed, and run the trainable."""
+    from ray import tune
+
+    spec, cfg = _build(config)
+    seed_everything(getattr(cfg, "seed", 0))
+    torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    if settings.num_workers <= 1:
+        ctx = TuneContext(
+            workdir=trial_dir, device=pick_device(settings.gpus_per_trial), data_root=settings.data_root,
+            download=settings.download, stage_root=settings.stage_root,
+            devices_per_trial=max(settings.gpus_per_trial, 1.0),
+        )
+        spec.fn(cfg, ctx)
+        return
+    _run_train(config, settings, trial_dir, tune.get_context().get_trial_id())
+
+
+def _run_train(config: dict, settings: RuntimeSettings, trial_dir: Path, trial_id: str) -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    use_gpu = settings.gpus_per_trial > 0
+    per_worker = {"CPU": settings.cpus_per_trial}
+    if use_gpu:
+        per_worker["GPU"] = settings.gpus_per_trial
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"config": config, "settings": settings, "workdir": str(trial_dir)},
+        scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        # same name for a restarted trial: Train resumes from the run's latest checkpoint
+        run_config=RunConfig(name=f"train-{trial_id}", storage_path=settings.storage_path or str(trial_dir),
+                             callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()

@@ -1,0 +1,391 @@
+"""Sweeps: the declaration every sweep script makes, the common CLI, and the Tune run.
+
+A sweep script declares a `Sweep` (trainables, fixed values, a grid or an Optuna search space, the
+objectives, presets) and calls `main(SWEEP)`. Everything a user can get wrong is checked before Ray
+starts: unknown `--set` keys, values of the wrong type, invalid values at every grid point and at
+every corner of a search space, missing datasets. Such errors print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import itertools
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import data as data_mod
+from . import registry
+from .config import fail, field_types, parse_assignments
+from .errors import SecsweepError
+from .runtime import PARAMS_KEY, TRAINABLE_KEY
+
+log = logging.getLogger("secsweep")
+STATE_FILE = "secsweep.json"
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def grid(**dims: Sequence[Any]) -> list[dict[str, Any]]:
+    """Cartesian product of the given dimensions as a list of dicts (a grid search)."""
+    keys = list(dims)
+    return [dict(zip(keys, values)) for values in itertools.product(*(dims[k] for k in keys))]
+
+
+def variants(*groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Concatenate grids of different trainables into one list of trials."""
+    return [dict(v) for g in groups for v in g]
+
+
+@dataclass
+class Sweep:
+    """What a sweep script declares."""
+
+    name: str                                       # MLflow experiment and results folder name
+    trainable: str | None = None                    # default trainable (a grid point may name its own)
+    fixed: dict[str, Any] = field(default_factory=dict)    # values every trial shares
+    grid: list[dict[str, Any]] | None = None        # explicit trials: grid search
+    space: dict[str, Any] | None = None             # Tune distributions: Optuna search
+    objectives: dict[str, str] = field(default_factory=lambda: {"asr": "min", "clean_acc": "max"})
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"fixed":..., "grid":..., "space":...}
+    smoke: dict[str, Any] = field(default_factory=dict)    # {"fixed":..., "grid":..., "num_samples":...} for --smoke-test
+    num_samples: int = 1                            # trials Optuna draws (grid: repeats of the grid)
+    columns: tuple[str, ...] = ("trainable", "attack", "asr", "clean_acc", "device_hours")
+    description: str = ""
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+def build_parser(sweep: Sweep) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python sweeps/{sweep.name}.py", description=sweep.description)
+    p.add_argument("--smoke-test", action="store_true", help="a tiny version of the sweep (< 2 min on 2 CPUs)")
+    p.add_argument("--preset", default="default", help=f"settings preset: default, {', '.join(sweep.presets)}")
+    p.add_argument("--address", default=None, help="Ray cluster address ('auto' on a cluster); default: start a local Ray")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    p.add_argument("--storage-path", default="ray_results", help="where Tune results, checkpoints and stage artifacts live")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: $SECSWEEP_DATA, ~/.cache/secsweep/data, /usr/share/datasets)")
+    p.add_argument("--download", action="store_true", help="download missing datasets with torchvision (needs internet)")
+    p.add_argument("--dataset", default=None, help=f"dataset for every trial: {', '.join(data_mod.DATASETS)}")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                   help="continue an interrupted sweep (the latest one, or the results folder PATH)")
+    p.add_argument("--results-csv", default=None, help="also write the results table to this CSV")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial (fractions share a GPU)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (and torch threads)")
+    p.add_argument("--num-workers", type=int, default=1, help="Ray Train DDP workers per trial (>1: TorchTrainer)")
+    p.add_argument("--max-concurrent", type=int, default=0, help="trials running at once (0: as resources allow)")
+    p.add_argument("--num-samples", type=int, default=None, help="trials Optuna draws (grid: repetitions)")
+    p.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial (from its last checkpoint)")
+    p.add_argument("--asha", action="store_true", help="ASHA early stopping on the first objective")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
+    return p
+
+
+@dataclass
+class Plan:
+    """A validated sweep, ready to launch."""
+
+    sweep: Sweep
+    fixed: dict[str, Any]
+    trials: list[dict[str, Any]] | None   # grid search: every trial's values (incl. trainable)
+    space: dict[str, Any] | None          # search: Tune distributions over config keys
+    num_samples: int
+    search_space_json: str
+
+
+def _config_fields(trainable: str) -> dict[str, Any]:
+    return field_types(registry.get(trainable).config)
+
+
+def _values_for(trainable: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The subset of `values` that `trainable`'s Config has (shared keys go to every trainable)."""
+    fields = _config_fields(trainable)
+    return {k: v for k, v in values.items() if k in fields}
+
+
+def _check_keys(trainables: Sequence[str], keys, source: str) -> None:
+    known: set[str] = set()
+    for t in trainables:
+        known |= set(_config_fields(t))
+    for k in keys:
+        if k not in known and k != TRAINABLE_KEY:
+            fail(k, "", f"unknown {source} key; allowed: {', '.join(sorted(known))}")
+
+
+def _domain_corners(dist: Any) -> list[Any]:
+    """Extreme values of a Tune domain (or a plain value), for validation before launch."""
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    if isinstance(dist, Categorical):
+        return list(dist.categories)
+    if isinstance(dist, (Float, Integer)):
+        upper = dist.upper - 1 if isinstance(dist, Integer) else dist.upper
+        return [dist.lower, upper]
+    if isinstance(dist, Mapping) and "grid_search" in dist:
+        return list(dist["grid_search"])
+    return [dist]
+
+
+def plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
+    """Merge preset, smoke-test and --set values into the sweep and validate every trial config."""
+    if args.preset != "default" and args.preset not in sweep.presets:
+        fail("--preset", args.preset, "must be one of " + ", ".join(["default", *sweep.presets]))
+    preset = sweep.presets.get(args.preset, {})
+    fixed = {**sweep.fixed, **preset.get("fixed", {})}
+    trials = preset.get("grid", sweep.grid)
+    space = preset.get("space", sweep.space)
+    num_samples = preset.get("num_samples", sweep.num_samples)
+    if args.smoke_test:
+        fixed.update(sweep.smoke.get("fixed", {}))
+        trials = sweep.smoke.get("grid", trials)
+        space = sweep.smoke.get("space", space)
+        num_samples = sweep.smoke.get("num_samples", num_samples)
+    overrides = parse_assignments(args.set)
+    if args.dataset:
+        overrides["dataset"] = args.dataset
+    if args.num_samples is not None:
+        if args.num_samples < 1:
+            fail("--num-samples", args.num_samples, "must be >= 1")
+        num_samples = args.num_samples
+    if args.gpus_per_trial < 0:
+        fail("--gpus-per-trial", args.gpus_per_trial, "must be >= 0")
+    if args.cpus_per_trial <= 0:
+        fail("--cpus-per-trial", args.cpus_per_trial, "must be > 0")
+    if args.num_workers < 1:
+        fail("--num-workers", args.num_workers, "must be >= 1")
+    if (trials is None) == (space is None):
+        raise SecsweepError(f"sweep {sweep.name}: declare exactly one of grid= or space=")
+
+    default_trainable = fixed.pop(TRAINABLE_KEY, sweep.trainable)
+    trainables = sorted({t.get(TRAINABLE_KEY, default_trainable) for t in (trials or [{}])})
+    for t in trainables:
+        if t is None:
+            raise SecsweepError(f"sweep {sweep.name}: no trainable given")
+        registry.get(t)
+    _check_keys(trainables, fixed, "fixed")
+    _check_keys(trainables, overrides, "--set")
+    dims = set(itertools.chain.from_iterable(trials)) if trials is not None else set(space)
+    _check_keys(trainables, dims - {TRAINABLE_KEY}, "search-space")
+
+    if trials is not None:
+        # --set overrides fixed values and collapses grid dimensions of the same name
+        resolved: list[dict[str, Any]] = []
+        for t in trials:
+            name = t.get(TRAINABLE_KEY, default_trainable)
+            merged = {**_values_for(name, fixed), **_values_for(name, t), **_values_for(name, overrides)}
+            item = {TRAINABLE_KEY: name, **merged}
+            if item not in resolved:
+                resolved.append(item)
+        for item in resolved:
+            values = dict(item)
+            registry.get(values.pop(TRAINABLE_KEY)).build_config(values)
+        trials, space_json = resolved, json.dumps(sweep.grid if not args.smoke_test else trials, default=str)
+        space = None
+    else:
+        (name,) = trainables
+        space = {k: v for k, v in space.items() if k not in overrides}
+        fixed = {**fixed, **overrides}
+        keys = list(space)
+        for corner in itertools.product(*(_domain_corners(space[k]) for k in keys)):
+            registry.get(name).build_config({**fixed, **dict(zip(keys, corner))})
+        fixed[TRAINABLE_KEY] = name
+        space_json = json.dumps({k: repr(v) for k, v in space.items()})
+    datasets = {t.get("dataset") for t in trials} if trials else {fixed.get("dataset")}
+    for ds in sorted(d for d in datasets if d) or [_default_dataset(trainables)]:
+        data_mod.check_available(ds, args.data_root, download=args.download)
+    return Plan(sweep, fixed, trials, space, num_samples, space_json)
+
+
+def _default_dataset(trainables: Sequence[str]) -> str:
+    cfg = registry.get(trainables[0]).config
+    return next(f.default for f in dataclasses.fields(cfg) if f.name == "dataset")
+
+
+# -- running --------------------------------------------------------------------------------------
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _find_resume_dir(storage: Path, sweep: Sweep, resume: str) -> Path:
+    if resume != "latest":
+        path = Path(resume).expanduser().resolve()
+        if not (path / STATE_FILE).is_file():
+            fail("--resume", resume, f"is not a {sweep.name} results folder (no {STATE_FILE} in it)")
+        return path
+    found = sorted(storage.glob(f"{sweep.name}-*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        fail("--resume", "latest", f"no earlier {sweep.name} sweep under {storage}")
+    return found[-1].parent
+
+
+def _build_tune_config(plan_: Plan, args):
+    from ray import tune
+
+    kw: dict[str, Any] = {"num_samples": plan_.num_samples}
+    if args.max_concurrent:
+        kw["max_concurrent_trials"] = args.max_concurrent
+    metrics, modes = list(plan_.sweep.objectives), list(plan_.sweep.objectives.values())
+    if plan_.space is not None:
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        seed = int(plan_.fixed.get("seed", 0))
+        multi = len(metrics) > 1
+        sampler = optuna.samplers.NSGAIISampler(seed=seed) if multi else optuna.samplers.TPESampler(seed=seed)
+        kw["search_alg"] = OptunaSearch(
+            metric=metrics if multi else metrics[0], mode=modes if multi else modes[0], sampler=sampler
+        )
+    if args.asha:
+        from ray.tune.schedulers import ASHAScheduler
+
+        kw["scheduler"] = ASHAScheduler(metric=metrics[0], mode=modes[0], time_attr="training_iteration", grace_period=2)
+    return tune.TuneConfig(**kw)
+
+
+def _param_space(plan_: Plan) -> dict[str, Any]:
+    from ray import tune
+
+    if plan_.trials is not None:
+        return {PARAMS_KEY: tune.grid_search(plan_.trials)}
+    return {PARAMS_KEY: {**plan_.fixed, **plan_.space}}
+
+
+def run(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
+    """Parse the CLI, validate, run the sweep on Ray Tune with MLflow tracking; returns an exit code."""
+    args = build_parser(sweep).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        plan_ = plan(sweep, args)
+    except SecsweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return _launch(plan_, args)
+
+
+def _launch(plan_: Plan, args) -> int:
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials see the user's relative paths
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    import ray
+    from ray import tune
+
+    from .report import results_frame, write_sweep_report
+    from .runtime import RuntimeSettings, trial_entry
+    from .tracking import MlflowTrialCallback, ParentRun, client_for, resolve_tracking_uri
+
+    sweep = plan_.sweep
+    storage = Path(args.storage_path).expanduser().resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.resume:
+            exp_dir = _find_resume_dir(storage, sweep, args.resume)
+            state = json.loads((exp_dir / STATE_FILE).read_text())
+            tracking_uri = state["tracking_uri"] if args.tracking_uri is None else resolve_tracking_uri(args.tracking_uri)
+        else:
+            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            exp_dir = storage / f"{sweep.name}-{stamp}"
+            tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    except SecsweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    client = client_for(tracking_uri)
+    if args.resume:
+        parent = ParentRun(client, state["parent_run_id"])
+        parent.reopen()
+    else:
+        parent = ParentRun.start(
+            client, sweep.name, run_name=exp_dir.name,
+            tags={"git_commit": git_commit(), "sweep_script": f"sweeps/{sweep.name}.py", "search_space": plan_.search_space_json,
+                  "preset": args.preset, "smoke_test": str(args.smoke_test), "command": " ".join(sys.argv)},
+            params={k: v for k, v in plan_.fixed.items()},
+        )
+        exp_dir.mkdir(parents=True)
+        (exp_dir / STATE_FILE).write_text(json.dumps({
+            "sweep": sweep.name, "parent_run_id": parent.run_id, "tracking_uri": tracking_uri,
+            "argv": sys.argv[1:], "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        }, indent=2))
+        script = Path(sys.argv[0])
+        if script.suffix == ".py" and script.is_file():
+            parent.log_artifacts([script.resolve()])
+    log.info("MLflow: %s (experiment %s, parent run %s)", tracking_uri, sweep.name, parent.run_id)
+
+    settings = RuntimeSettings(
+        stage_root=str(storage / "stages"), data_root=str(Path(args.data_root).resolve()) if args.data_root else None,
+        download=args.download, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+        num_workers=args.num_workers, storage_path=str(storage / "train"),
+    )
+    if args.num_workers > 1:  # the Train workers hold the resources; the Tune trial only coordinates
+        resources = {"cpu": 0.01}
+    else:
+        resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+    trainable = tune.with_resources(tune.with_parameters(trial_entry, settings=settings), resources)
+    callback = MlflowTrialCallback(tracking_uri, parent.experiment_id, parent.run_id, sweep.name)
+
+    ray.init(address=args.address, include_dashboard=False if args.address is None else None,
+             logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
+    status = "FINISHED"
+    try:
+        if args.resume:
+            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, param_space=_param_space(plan_),
+                                       resume_unfinished=True, resume_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=_param_space(plan_),
+                tune_config=_build_tune_config(plan_, args),
+                run_config=tune.RunConfig(
+                    name=exp_dir.name, storage_path=str(storage),
+                    failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    callbacks=[callback], verbose=1,
+                ),
+            )
+        results = tuner.fit()
+        frame = results_frame(results)
+        unfinished = int((frame["status"] == "UNFINISHED").sum()) if len(frame) else 0
+        if unfinished:
+            status = "KILLED"
+        paths = write_sweep_report(frame, exp_dir, sweep, csv_path=args.results_csv)
+        parent.log_artifacts(paths)
+        parent.set_tags({"trials": len(frame), "failed_trials": int((frame["status"] == "ERROR").sum()) if len(frame) else 0})
+        print_table(frame, sweep)
+        if unfinished:
+            print(f"\n{unfinished} trial(s) unfinished: continue with  python sweeps/{sweep.name}.py --resume {exp_dir}")
+            return EXIT_INTERRUPTED
+        return 0
+    except KeyboardInterrupt:
+        status = "KILLED"
+        print(f"\ninterrupted: continue with  python sweeps/{sweep.name}.py --resume {exp_dir}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        parent.finish(status)
+        ray.shutdown()
+
+
+def print_table(frame, sweep: Sweep) -> None:
+    from .report import display_columns
+
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 60):
+        print()
+        print(frame[display_columns(frame, sweep.columns)].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
+def main(sweep: Sweep) -> None:
+    sys.exit(run(sweep))

@@ -1,0 +1,44 @@
+"""Super-fine-tuning vs conventional fine-tuning against BadNets and Blended backdoors, swept over
+LR_MAX1 x LR_MAX2 (FTP §3.2, §4.4, §5.3; METHODS.md §5.1-§5.4).
+
+    python sweeps/sft_grid.py                       # offline default: Fashion-MNIST, small CNN, 2 CPUs
+    python sweeps/sft_grid.py --preset paper --address auto --gpus-per-trial 0.25   # CIFAR-10, PreAct-ResNet18
+
+Each backdoored model is trained once (a cached stage) and shared by all its defense trials.
+"""
+
+from secsweep.sweep import Sweep, grid, main, variants
+
+ATTACKS = ["badnets", "blended"]
+
+SWEEP = Sweep(
+    name="sft_grid",
+    description=__doc__,
+    fixed={"dataset": "fashion_mnist", "model": "smallcnn", "train_size": 20000, "attack_epochs": 3, "epochs": 2},
+    grid=variants(
+        grid(trainable=["sft"], attack=ATTACKS, lr_max1=[0.05, 0.1, 0.2], lr_max2=[0.001, 0.01]),
+        grid(trainable=["ft"], attack=ATTACKS),  # conventional fine-tuning at the pre-training learning rate
+    ),
+    columns=("trainable", "attack", "lr_max1", "lr_max2", "asr", "clean_acc", "device_hours"),
+    presets={
+        # FTP §4.4: PreAct-ResNet18 on CIFAR-10, backdoor training SGD lr 0.001, batch 256, 200 epochs;
+        # SFT LR_BASE 3e-4, LR_MAX1 0.1, LR_MAX2 0.001, phase 1 = 10 epochs, 500-step ramps.
+        "paper": {
+            "fixed": {"dataset": "cifar10", "model": "preact_resnet18", "train_size": 0, "attack_epochs": 200,
+                      "attack_lr": 0.001, "attack_batch_size": 256, "batch_size": 256, "epochs": 20},
+            "grid": variants(
+                grid(trainable=["sft"], attack=ATTACKS, lr_max1=[0.1, 0.2, 0.3], lr_max2=[0.001, 0.005],
+                     phase1_epochs=[10], ramp_steps=[500]),
+                grid(trainable=["ft"], attack=ATTACKS),
+            ),
+        },
+    },
+    smoke={
+        "fixed": {"train_size": 3000, "attack_epochs": 2, "epochs": 1},
+        "grid": variants(grid(trainable=["sft"], attack=["badnets"], lr_max1=[0.1], lr_max2=[0.001]),
+                         grid(trainable=["ft"], attack=["badnets"])),
+    },
+)
+
+if __name__ == "__main__":
+    main(SWEEP)

@@ -1,0 +1,1 @@
+"""Backdoor attacks: each trains a backdoored model and registers its trigger."""
