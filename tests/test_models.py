@@ -159,10 +159,10 @@ def test_attention_layers_are_submodules_giving_4d_maps(name):
 
 
 def test_smallcnn_width_scales_blocks():
-    model = build_model("smallcnn", 10, 1)  # default width 32
-    assert [layer[0].out_channels for layer in model.attention_layers()] == [32, 64, 128]
-    assert model.feature_dim == 128
-    assert build_model("smallcnn", 10, 1, width=16).feature_dim == 64
+    model = build_model("smallcnn", 10, 1)  # default width 16
+    assert [layer[0].out_channels for layer in model.attention_layers()] == [16, 32, 64]
+    assert model.feature_dim == 64
+    assert build_model("smallcnn", 10, 1, width=32).feature_dim == 128
 
 
 # ---------------------------------------------------------------------------- preact details

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import data as data_mod
 from . import models as models_mod
-from .config import build, in_half_open_unit, in_open_unit, one_of, positive, require
+from .config import build, fail, in_half_open_unit, in_open_unit, one_of, positive, require
 from .context import Context
 from .names import ASR, CLEAN_ACC, EPOCH, LR
 from .ops.metrics import accuracy, attack_success_rate
@@ -94,6 +94,10 @@ class DefenseConfig(VictimConfig):
         from . import registry
 
         spec = registry.get(self.attack)
+        shared = sorted(set(self.attack_options) & set(VICTIM_FIELDS))
+        if shared:
+            fail(f"attack_options.{shared[0]}", self.attack_options[shared[0]],
+                 "is a shared setting of attack and defense; set it directly, not in attack_options")
         values = {k: getattr(self, k) for k in VICTIM_FIELDS}
         values.update(self.attack_options)
         return build(spec.config, values, what=f"attack {self.attack!r} (attack_options)")

@@ -55,7 +55,8 @@ def field_types(cls: type) -> dict[str, Any]:
 
 def parse_value(text: str) -> Any:
     """Parse a `--set` value: a Python literal (number, bool, list, dict, quoted string) or a bare string."""
-    lowered = text.strip().lower()
+    text = text.strip()
+    lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
     if lowered in ("none", "null"):

@@ -13,7 +13,20 @@ from .ops.metrics import der
 from .runtime import PARAMS_KEY, TRAINABLE_KEY
 
 FIRST = ("trial_id", TRAINABLE_KEY, "attack")
-LAST = (ASR, CLEAN_ACC, DEVICE_HOURS, "asr_before", "clean_acc_before", DER, "status", "error")
+LAST = (ASR, CLEAN_ACC, DEVICE_HOURS, "asr_before", "clean_acc_before", DER, "pareto", "status", "error")
+
+
+def pareto_front(frame: pd.DataFrame, objectives: dict[str, str]) -> pd.Series:
+    """True for trials no other finished trial beats on every objective (and strictly on one)."""
+    cols = [c for c in objectives if c in frame.columns]
+    ok = frame["status"].eq("TERMINATED") & frame[cols].notna().all(axis=1) if cols else frame["status"].eq("")
+    # orient every objective so that larger is better
+    vals = frame.loc[ok, cols].to_numpy(dtype=float) * [1.0 if objectives[c] == "max" else -1.0 for c in cols]
+    front = pd.Series(False, index=frame.index)
+    for i, idx in enumerate(frame.index[ok]):
+        dominated = ((vals >= vals[i]).all(axis=1) & (vals > vals[i]).any(axis=1)).any()
+        front[idx] = not dominated
+    return front
 
 
 def _status(result) -> str:
@@ -65,6 +78,8 @@ def write_sweep_report(frame: pd.DataFrame, out_dir: Path, sweep, csv_path: str 
     from .plots import plot_asr_vs_clean_acc
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    if sweep.space is not None and len(sweep.objectives) > 1 and len(frame):
+        frame["pareto"] = pareto_front(frame, sweep.objectives)
     cols = display_columns(frame, sweep.columns)
     paths = [out_dir / "results.csv", out_dir / "results.md"]
     frame.to_csv(paths[0], index=False)

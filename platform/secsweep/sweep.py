@@ -9,6 +9,7 @@ every corner of a search space, missing datasets. Such errors print one line and
 from __future__ import annotations
 
 import argparse
+import inspect
 import dataclasses
 import datetime as _dt
 import itertools
@@ -60,6 +61,11 @@ class Sweep:
     num_samples: int = 1                            # trials Optuna draws (grid: repeats of the grid)
     columns: tuple[str, ...] = ("trainable", "attack", "asr", "clean_acc", "device_hours")
     description: str = ""
+    source: str = ""                                # the sweep script (found automatically)
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            self.source = inspect.stack()[1].filename
 
 
 # -- CLI ------------------------------------------------------------------------------------------
@@ -183,9 +189,11 @@ def plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
             item = {TRAINABLE_KEY: name, **merged}
             if item not in resolved:
                 resolved.append(item)
+        configs = []
         for item in resolved:
             values = dict(item)
-            registry.get(values.pop(TRAINABLE_KEY)).build_config(values)
+            configs.append(registry.get(values.pop(TRAINABLE_KEY)).build_config(values))
+        resolved = _interleave_by_stage(resolved, configs)
         trials, space_json = resolved, json.dumps(sweep.grid if not args.smoke_test else trials, default=str)
         space = None
     else:
@@ -201,6 +209,24 @@ def plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
     for ds in sorted(d for d in datasets if d) or [_default_dataset(trainables)]:
         data_mod.check_available(ds, args.data_root, download=args.download)
     return Plan(sweep, fixed, trials, space, num_samples, space_json)
+
+
+def _interleave_by_stage(trials: list[dict], configs: list[Any]) -> list[dict]:
+    """Order trials round-robin over their upstream stage (the backdoored model they need).
+
+    The first trials to start then compute different stages in parallel instead of queueing on
+    one stage's lock while the other CPUs idle.
+    """
+    from .stages import stage_key
+
+    groups: dict[str, list[dict]] = {}
+    for trial, cfg in zip(trials, configs):
+        key = ""
+        if hasattr(cfg, "attack_config"):
+            key = stage_key(cfg.attack, cfg.attack_config())
+        groups.setdefault(key, []).append(trial)
+    queues = list(groups.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
 
 
 def _default_dataset(trainables: Sequence[str]) -> str:
@@ -233,7 +259,9 @@ def _find_resume_dir(storage: Path, sweep: Sweep, resume: str) -> Path:
 def _build_tune_config(plan_: Plan, args):
     from ray import tune
 
-    kw: dict[str, Any] = {"num_samples": plan_.num_samples}
+    # reuse_actors: a trial process serves the next trial, so torch, the trainables and the decoded
+    # dataset are loaded once per worker rather than once per trial
+    kw: dict[str, Any] = {"num_samples": plan_.num_samples, "reuse_actors": True}
     if args.max_concurrent:
         kw["max_concurrent_trials"] = args.max_concurrent
     metrics, modes = list(plan_.sweep.objectives), list(plan_.sweep.objectives.values())
@@ -264,7 +292,9 @@ def _param_space(plan_: Plan) -> dict[str, Any]:
 
 def run(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
     """Parse the CLI, validate, run the sweep on Ray Tune with MLflow tracking; returns an exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(sweep).parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         plan_ = plan(sweep, args)
@@ -277,6 +307,8 @@ def run(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
 def _launch(plan_: Plan, args) -> int:
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials see the user's relative paths
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # a checkpoint per epoch forces experiment-state snapshots; that is intended, not a bottleneck here
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
     from ray import tune
 
@@ -308,17 +340,16 @@ def _launch(plan_: Plan, args) -> int:
         parent = ParentRun.start(
             client, sweep.name, run_name=exp_dir.name,
             tags={"git_commit": git_commit(), "sweep_script": f"sweeps/{sweep.name}.py", "search_space": plan_.search_space_json,
-                  "preset": args.preset, "smoke_test": str(args.smoke_test), "command": " ".join(sys.argv)},
+                  "preset": args.preset, "smoke_test": str(args.smoke_test),
+                  "command": " ".join(["python", f"sweeps/{sweep.name}.py", *args.argv])},
             params={k: v for k, v in plan_.fixed.items()},
         )
         exp_dir.mkdir(parents=True)
         (exp_dir / STATE_FILE).write_text(json.dumps({
             "sweep": sweep.name, "parent_run_id": parent.run_id, "tracking_uri": tracking_uri,
-            "argv": sys.argv[1:], "created": _dt.datetime.now().isoformat(timespec="seconds"),
+            "argv": args.argv, "created": _dt.datetime.now().isoformat(timespec="seconds"),
         }, indent=2))
-        script = Path(sys.argv[0])
-        if script.suffix == ".py" and script.is_file():
-            parent.log_artifacts([script.resolve()])
+        parent.log_artifacts([Path(sweep.source)])
     log.info("MLflow: %s (experiment %s, parent run %s)", tracking_uri, sweep.name, parent.run_id)
 
     settings = RuntimeSettings(
@@ -348,7 +379,7 @@ def _launch(plan_: Plan, args) -> int:
                 run_config=tune.RunConfig(
                     name=exp_dir.name, storage_path=str(storage),
                     failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                     callbacks=[callback], verbose=1,
                 ),
             )

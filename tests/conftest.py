@@ -1,0 +1,26 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def python_env(tmp_path: Path) -> dict:
+    """Environment for sweep subprocesses: the repo importable, no inherited Ray cluster address."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "platform"), str(ROOT), env.get("PYTHONPATH", "")])
+    env["PYTHONUNBUFFERED"] = "1"
+    env["HOME"] = env.get("HOME", str(tmp_path))
+    return env
+
+
+@pytest.fixture
+def sweep_env(tmp_path):
+    return python_env(tmp_path)
+
+
+def pytest_configure(config):
+    sys.path[:0] = [str(ROOT / "platform"), str(ROOT)]
