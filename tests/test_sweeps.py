@@ -155,7 +155,9 @@ def test_resume_finishes_without_redoing_finished_trials(tmp_path, sweep_env):
     try:
         while time.time() < deadline and proc.poll() is None:
             time.sleep(1)
-            if db.exists():
+            # the state file is written after the driver created the MLflow store and parent run;
+            # reading the store earlier would race with its table creation
+            if any((tmp_path / "rr").glob("tiny_sweep-*/secsweep.json")):
                 try:
                     _, _, children = runs_of(db, "tiny_sweep")
                 except AssertionError:

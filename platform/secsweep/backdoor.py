@@ -27,7 +27,7 @@ from .config import build, fail, in_half_open_unit, in_open_unit, one_of, positi
 from .context import Context
 from .names import ASR, CLEAN_ACC, EPOCH, LR
 from .ops.metrics import accuracy, attack_success_rate
-from .poison import Trigger, poison, triggered_test_set
+from .poison import PoisonedSet, Trigger, poison, triggered_test_set
 from .training import predict, steps_per_epoch, train_epoch
 
 
@@ -148,33 +148,74 @@ class BackdoorEval:
         return {ASR: asr, CLEAN_ACC: clean}
 
 
+# -- one training loop for attacks, retraining defenses and fine-tuning ---------------------------
+
+def fit(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    ctx: Context,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    lr_at: Callable[[int], float],
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    evaluate: Callable[[nn.Module, torch.device], Mapping[str, float]] | None = None,
+    extra: Mapping[str, float] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> nn.Module:
+    """SGD over (images, labels) for `epochs`, learning rate `lr_at(step)`; after every epoch report
+    `evaluate(model)` plus `extra` with a checkpoint, and resume from the last one after a restart.
+
+    Returns the bare (unwrapped) model; the caller saves it.
+    """
+    model = ctx.prepare_model(model)
+    opt = torch.optim.SGD(model.parameters(), lr=lr_at(0), momentum=momentum, weight_decay=weight_decay)
+    start, step = 0, 0
+    state = ctx.restored()
+    if state and "model" in state:
+        unwrap(model).load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, step = int(state["epoch"]), int(state["step"])
+    kw = {"loss_fn": loss_fn} if loss_fn is not None else {}
+    for epoch in range(start, epochs):
+        step, loss = train_epoch(model, images, labels, opt, ctx, batch_size=batch_size, seed=seed, epoch=epoch,
+                                 step=step, lr_at=lr_at, **kw)
+        metrics = {EPOCH: epoch + 1, LR: lr_at(max(step - 1, 0)), "train_loss": loss, **(extra or {})}
+        if evaluate is not None:
+            metrics.update(evaluate(model, ctx.device))
+        ctx.report(metrics, state={"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                                   "epoch": epoch + 1, "step": step})
+    return unwrap(model)
+
+
+def constant(lr: float) -> Callable[[int], float]:
+    return lambda step: lr
+
+
 # -- attacks ------------------------------------------------------------------------------------
+
+def poisoned_train_set(cfg: VictimConfig, ctx: Context, trigger: Trigger) -> PoisonedSet:
+    """The attack's training set: a seeded `poison_ratio` of it triggered and relabelled to the target."""
+    train = load_split(cfg, ctx, "train")
+    return poison(train.images, train.labels, trigger, ratio=cfg.poison_ratio, target=cfg.target_label, seed=cfg.seed)
+
 
 def train_backdoored(cfg: VictimConfig, ctx: Context, trigger: Trigger) -> nn.Module:
     """Poison the training set with `trigger`, train the victim, report asr/clean_acc each epoch,
     and save the weights as the output `model`."""
     torch.manual_seed(cfg.seed)
-    train = load_split(cfg, ctx, "train")
+    pset = poisoned_train_set(cfg, ctx, trigger)
     test = load_split(cfg, ctx, "test")
-    pset = poison(train.images, train.labels, trigger, ratio=cfg.poison_ratio, target=cfg.target_label, seed=cfg.seed)
     evaluate = BackdoorEval.build(test, trigger, cfg.target_label, cfg.include_target_class)
-    model = ctx.prepare_model(build_victim_model(cfg, train))
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.attack_lr, momentum=cfg.attack_momentum,
-                          weight_decay=cfg.attack_weight_decay)
-    start, step = 0, 0
-    state = ctx.restored()
-    if state:
-        unwrap(model).load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, step = int(state["epoch"]), int(state["step"])
-    for epoch in range(start, cfg.attack_epochs):
-        step, loss = train_epoch(model, pset.images, pset.labels, opt, ctx, batch_size=cfg.attack_batch_size,
-                                 seed=cfg.seed, epoch=epoch, step=step)
-        metrics = {EPOCH: epoch + 1, "train_loss": loss, **evaluate(model, ctx.device)}
-        ctx.report(metrics, state={"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                                   "epoch": epoch + 1, "step": step})
-    ctx.save_output("model", unwrap(model).state_dict())
-    return unwrap(model)
+    model = build_victim_model(cfg, test)
+    model = fit(model, pset.images, pset.labels, ctx, epochs=cfg.attack_epochs, batch_size=cfg.attack_batch_size,
+                seed=cfg.seed, lr_at=constant(cfg.attack_lr), momentum=cfg.attack_momentum,
+                weight_decay=cfg.attack_weight_decay, evaluate=evaluate)
+    ctx.save_output("model", model.state_dict())
+    return model
 
 
 # -- defenses -----------------------------------------------------------------------------------
@@ -190,6 +231,12 @@ class Victim:
     attack_config: Any
     attack_metrics: Mapping[str, float]
 
+    def poisoned_train_set(self, ctx: Context) -> PoisonedSet:
+        """The poisoned training set the backdoored model was trained on (for data-based defenses)."""
+        cfg = self.attack_config
+        return poison(self.train.images, self.train.labels, self.trigger, ratio=cfg.poison_ratio,
+                      target=cfg.target_label, seed=cfg.seed)
+
 
 def load_victim(cfg: DefenseConfig, ctx: Context) -> Victim:
     """The backdoored model of `cfg` (trained once per attack config, cached) and its trigger."""
@@ -204,7 +251,7 @@ def load_victim(cfg: DefenseConfig, ctx: Context) -> Victim:
     model = build_victim_model(cfg, train)
     model.load_state_dict(out.tensors("model"))
     evaluate = BackdoorEval.build(test, trigger, cfg.target_label, cfg.include_target_class)
-    return Victim(model, trigger, train, evaluate, attack_cfg, out.metrics)
+    return Victim(model.to(ctx.device), trigger, train, evaluate, attack_cfg, out.metrics)
 
 
 def clean_subset(train: data_mod.ImageSet, fraction: float, seed: int) -> data_mod.ImageSet:
@@ -216,12 +263,23 @@ def clean_subset(train: data_mod.ImageSet, fraction: float, seed: int) -> data_m
     return train.subset(torch.randperm(len(train), generator=g)[:n].sort().values)
 
 
+def report_before(victim: Victim, ctx: Context, **extra: float) -> dict[str, float]:
+    """Report epoch 0 (the backdoored model, before the defense) unless resuming; return the
+    `asr_before`/`clean_acc_before` pair every later report of the defense carries."""
+    before = victim.evaluate(victim.model, ctx.device)
+    base = {"asr_before": before[ASR], "clean_acc_before": before[CLEAN_ACC]}
+    if ctx.restored() is None:
+        ctx.report({EPOCH: 0, **before, **base, **extra})
+    return base
+
+
 def finetune(
     cfg: DefenseConfig,
     ctx: Context,
     lr_at_factory: Callable[[int], Callable[[int], float]],
     *,
     victim: Victim | None = None,
+    data: data_mod.ImageSet | None = None,
 ) -> nn.Module:
     """Whole-model fine-tuning on clean data (METHODS §5.1/§5.2) with the schedule `lr_at(step)`.
 
@@ -229,32 +287,18 @@ def finetune(
     before the defense) and every epoch after, each carrying asr_before/clean_acc_before too.
     Saves the defended weights as the output `model` for downstream stages (sequela).
     """
+    from .plots import plot_lr_schedule
+
     victim = victim or load_victim(cfg, ctx)
-    data = clean_subset(victim.train, cfg.clean_fraction, cfg.seed)
+    data = data or clean_subset(victim.train, cfg.clean_fraction, cfg.seed)
     spe = steps_per_epoch(len(data), cfg.batch_size, ctx.world_size)
     lr_at = lr_at_factory(spe)
-    model = ctx.prepare_model(victim.model)
-    opt = torch.optim.SGD(model.parameters(), lr=lr_at(0), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    before = victim.evaluate(model, ctx.device)
-    base = {"asr_before": before[ASR], "clean_acc_before": before[CLEAN_ACC]}
-    start, step = 0, 0
-    state = ctx.restored()
-    if state:
-        unwrap(model).load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, step = int(state["epoch"]), int(state["step"])
-    else:
-        from .plots import plot_lr_schedule
-
+    if ctx.restored() is None:
         plot_lr_schedule(lr_at, cfg.epochs * spe, spe, ctx.artifact_path("lr_schedule.png"),
                          title=f"learning rate schedule ({type(cfg).__module__.rsplit('.', 1)[-1]})")
-        ctx.report({EPOCH: 0, LR: lr_at(0), **before, **base})
-    for epoch in range(start, cfg.epochs):
-        step, loss = train_epoch(model, data.images, data.labels, opt, ctx, batch_size=cfg.batch_size,
-                                 seed=cfg.seed, epoch=epoch, step=step, lr_at=lr_at)
-        metrics = {EPOCH: epoch + 1, LR: lr_at(max(step - 1, 0)), "train_loss": loss,
-                   **victim.evaluate(model, ctx.device), **base}
-        ctx.report(metrics, state={"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                                   "epoch": epoch + 1, "step": step})
-    ctx.save_output("model", unwrap(model).state_dict())
-    return unwrap(model)
+    base = report_before(victim, ctx, **{LR: lr_at(0)})
+    model = fit(victim.model, data.images, data.labels, ctx, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                seed=cfg.seed, lr_at=lr_at, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                evaluate=victim.evaluate, extra=base)
+    ctx.save_output("model", model.state_dict())
+    return model

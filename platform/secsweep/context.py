@@ -76,9 +76,10 @@ class Context:
         return None
 
     def _resumed_from(self, state: dict[str, Any] | None) -> dict[str, Any] | None:
-        if state is not None:
+        if state is not None and not getattr(self, "_resume_applied", False):
             self._hours_offset = float(state.get("_device_hours", 0.0))
             self._start = time.monotonic()
+            self._resume_applied = True
         return state
 
     # -- files --------------------------------------------------------------------------------

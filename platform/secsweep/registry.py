@@ -17,7 +17,7 @@ from . import config as _config
 from .errors import ConfigError
 from .names import ASR, CLEAN_ACC, DEVICE_HOURS
 
-KINDS = ("attack", "defense", "detector", "sequela")
+KINDS = ("model", "attack", "defense", "detector", "sequela")  # model: clean training, an upstream stage
 DEFAULT_METRICS = (ASR, CLEAN_ACC, DEVICE_HOURS)
 
 

@@ -29,16 +29,20 @@ def pareto_front(frame: pd.DataFrame, objectives: dict[str, str]) -> pd.Series:
     return front
 
 
-def _status(result) -> str:
-    if result.error is not None:
-        return "ERROR"
-    return "TERMINATED" if result.metrics.get("done") else "UNFINISHED"
+def _statuses(results) -> list[str]:
+    """TERMINATED / ERROR / UNFINISHED per result, from Tune's trial states (the ResultGrid lists
+    results in its trials' order; a restored trial's last result does not say it was done)."""
+    trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None)
+    if trials is not None and len(trials) == len(results):
+        return [t.status if t.status in ("TERMINATED", "ERROR") else "UNFINISHED" for t in trials]
+    return ["ERROR" if r.error is not None else "TERMINATED" if (r.metrics or {}).get("done") else "UNFINISHED"
+            for r in results]
 
 
 def results_frame(results) -> pd.DataFrame:
     """One row per trial: its config values, last metrics, status and error text."""
     rows = []
-    for r in results:
+    for r, status in zip(results, _statuses(results)):
         m = dict(r.metrics or {})
         cfg = (r.config or {}).get(PARAMS_KEY, {})
         row: dict[str, Any] = {"trial_id": m.get("trial_id") or Path(str(r.path)).name.split("_")[1] if r.path else None}
@@ -46,7 +50,7 @@ def results_frame(results) -> pd.DataFrame:
         for k in (ASR, CLEAN_ACC, DEVICE_HOURS, "asr_before", "clean_acc_before", "epoch"):
             if k in m:
                 row[k] = m[k]
-        row["status"] = _status(r)
+        row["status"] = status
         row["error"] = (str(r.error).strip().splitlines() or [""])[-1][:200] if r.error is not None else ""
         rows.append(row)
     frame = pd.DataFrame(rows)

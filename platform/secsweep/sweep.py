@@ -64,8 +64,9 @@ class Sweep:
     source: str = ""                                # the sweep script (found automatically)
 
     def __post_init__(self) -> None:
-        if not self.source:
-            self.source = inspect.stack()[1].filename
+        if not self.source:  # the file that declared the sweep (skipping dataclass-generated frames)
+            self.source = next((f.filename for f in inspect.stack()[1:]
+                                if f.filename != __file__ and not f.filename.startswith("<")), "")
 
 
 # -- CLI ------------------------------------------------------------------------------------------

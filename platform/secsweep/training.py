@@ -74,6 +74,26 @@ def predict(model: nn.Module, images: torch.Tensor, device: torch.device, batch_
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
+@torch.no_grad()
+def features(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
+    """Penultimate representations `model.features(x)` (CPU tensor, eval mode)."""
+    was_training = model.training
+    model.eval()
+    out = [model.features(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def probabilities(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
+    """Softmax posteriors (CPU tensor, eval mode)."""
+    was_training = model.training
+    model.eval()
+    out = [model(images[i : i + batch_size].to(device)).softmax(1).cpu() for i in range(0, len(images), batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
 def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
     per_worker = -(-n // world_size)
     return max(1, -(-per_worker // batch_size))

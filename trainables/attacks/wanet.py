@@ -1,0 +1,146 @@
+"""WaNet (Nguyen & Tran, "WaNet -- Imperceptible Warping-based Backdoor Attack", ICLR 2021), as used
+through BackdoorBench by the FTP paper (METHODS.md §4.1: "small, smooth warping (deformation) of
+the image as trigger").
+
+The trigger is not a patch: a poisoned image is resampled through one fixed, smooth warping field
+(`secsweep.ops.warp.make_warp_field`: a random k x k grid of control displacements upsampled
+bicubically to the image size), so the change is small, spread over the whole image and continuous
+in space. A `poison_ratio` of the training samples is warped and relabelled to `target_label`;
+"noise mode" cross samples (`cross_ratio` x as many, drawn from the other samples) are warped
+through the field plus per-sample random jitter (`secsweep.ops.warp.noise_grid`) and keep their true
+labels, so the network learns this exact warp rather than "any warp".
+
+Defaults and their sources:
+* poison_ratio 0.1: METHODS.md §4.1 [S] (inherited from VictimConfig, as the training recipe).
+* k = 4, s = 0.5, grid_rescale = 1, cross_ratio = 2: METHODS.md §4.1 leaves the WaNet internals
+  [NS] ("BackdoorBench defaults implied"); these are the WaNet paper's / BackdoorBench's defaults.
+* noise_scale = 1: cross-sample jitter in WaNet's own unit (uniform in [-1, 1] / image size).
+* warp_seed = 0: seed of the random control grid [NS]; the trigger is a function of the config
+  alone, so the trigger hook rebuilds it without reading any artifact.
+* resample = True: WaNet draws the poisoned and cross samples afresh in every batch (the first
+  p x batch samples of each shuffled batch) and the jitter with them. Here they are re-drawn once
+  per epoch over the in-memory set: epoch 1 poisons exactly the samples `secsweep.poison.poison`
+  picks for this seed (the set `Victim.poisoned_train_set` hands to data-based defenses), later
+  epochs draw new ones from (seed, epoch). False keeps epoch 1's set throughout (a static poisoned
+  dataset, as BadNets/Blended). Re-drawing matters: on 8x8 digits with a static set the network
+  memorises the ~140 poisoned images and test ASR stalls near 0.4; with re-drawing it learns the warp.
+* lr_schedule = "cosine": cosine annealing of attack_lr to 0 over attack_epochs, BackdoorBench's
+  default scheduler (CosineAnnealingLR) [EXT]; METHODS.md §4.1: LR schedule [NS]. "constant" is
+  the recipe of the other attacks here. With a constant rate the decision between "warped" and
+  "natural" is so fine that ASR swings by tens of points from epoch to epoch.
+BackdoorBench's training augmentation (random crop/rotation) is not applied, as for every attack
+here.
+
+Note on tiny images: the mean displacement is about s/2 pixels whatever the image size, so on 8x8
+`digits` the warp is a sub-pixel change of a few grey levels, learnable but slower than a patch
+(tests/test_attacks_issue3.py: ~0.83 ASR after 20 epochs, where BadNets needs 4).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from secsweep import data
+from secsweep.backdoor import BackdoorEval, VictimConfig, build_victim_model, load_split, unwrap
+from secsweep.config import one_of, positive, require
+from secsweep.names import EPOCH, LR
+from secsweep.ops import warp as warp_ops
+from secsweep.poison import poison
+from secsweep.registry import register
+from secsweep.training import steps_per_epoch, train_epoch
+
+LR_SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class Config(VictimConfig):
+    k: int = warp_ops.WANET_K                          # control points per side of the warping field
+    s: float = warp_ops.WANET_S                        # warping strength (mean displacement ~ s/2 pixels)
+    grid_rescale: float = warp_ops.WANET_GRID_RESCALE  # multiplier on the warped sampling grid
+    cross_ratio: float = warp_ops.CROSS_RATIO          # noise-mode cross samples per poisoned sample
+    noise_scale: float = 1.0                           # cross-sample jitter, in WaNet's units (1/size)
+    warp_seed: int = 0                                 # seed of the random control grid
+    resample: bool = True                              # re-draw poisoned and cross samples every epoch
+    lr_schedule: str = "cosine"                        # attack_lr per step: cosine to 0, or constant
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.k >= 2, "k", self.k, "must be >= 2 control points per side")
+        positive("s", self.s)
+        positive("grid_rescale", self.grid_rescale)
+        require(self.cross_ratio >= 0, "cross_ratio", self.cross_ratio, "must be >= 0")
+        require(self.poison_ratio * (1 + self.cross_ratio) <= 1, "cross_ratio", self.cross_ratio,
+                f"poisoned + cross samples must fit in the training set (poison_ratio={self.poison_ratio})")
+        require(self.noise_scale >= 0, "noise_scale", self.noise_scale, "must be >= 0")
+        one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+
+
+def warp_field(cfg: Config) -> torch.Tensor:
+    """The backdoor sampling grid (1, H, W, 2) of `cfg`, deterministic in `warp_seed`."""
+    _, h, w = data.native_shape(cfg.dataset)
+    h, w = (cfg.image_size, cfg.image_size) if cfg.image_size else (h, w)
+    return warp_ops.make_warp_field(h, w, k=cfg.k, s=cfg.s, grid_rescale=cfg.grid_rescale, seed=cfg.warp_seed)
+
+
+def trigger(cfg: Config, output=None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> x warped through the WaNet field (needs no stage output: the field is fixed by cfg)."""
+    grid = warp_field(cfg)
+    return lambda x: warp_ops.warp(x, grid)
+
+
+def epoch_set(cfg: Config, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, labels, cross mask) trained on in 0-based `epoch`: a `poison_ratio` warped and
+    relabelled (epoch 0: exactly `poison()`'s samples for cfg.seed), `cross_ratio` x as many of the
+    others warped with jitter (noise mode), labels kept."""
+    draw = epoch if cfg.resample else 0
+    grid = warp_field(cfg)
+    poison_seed = cfg.seed if draw == 0 else cfg.seed * 100_003 + draw
+    pset = poison(images, labels, lambda x: warp_ops.warp(x, grid), ratio=cfg.poison_ratio,
+                  target=cfg.target_label, seed=poison_seed)
+    out = pset.images  # a fresh copy: poison() never modifies its input
+    rest = torch.nonzero(~pset.poisoned).flatten()
+    n_cross = min(len(rest), round(cfg.cross_ratio * int(pset.poisoned.sum())))
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + 7919 + draw)  # independent of the poison draw
+    cross = rest[torch.randperm(len(rest), generator=g)[:n_cross]].sort().values
+    if n_cross:
+        out[cross] = warp_ops.warp(images[cross], warp_ops.noise_grid(grid, n_cross, generator=g, scale=cfg.noise_scale))
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    mask[cross] = True
+    return out, pset.labels, mask
+
+
+def lr_schedule(cfg: Config, total_steps: int) -> Callable[[int], float]:
+    if cfg.lr_schedule == "constant":
+        return lambda step: cfg.attack_lr
+    return lambda step: cfg.attack_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+@register("wanet", kind="attack", config=Config, trigger=trigger)
+def run(cfg: Config, ctx) -> None:
+    torch.manual_seed(cfg.seed)
+    train = load_split(cfg, ctx, "train")
+    test = load_split(cfg, ctx, "test")
+    evaluate = BackdoorEval.build(test, trigger(cfg), cfg.target_label, cfg.include_target_class)
+    lr_at = lr_schedule(cfg, cfg.attack_epochs * steps_per_epoch(len(train), cfg.attack_batch_size, ctx.world_size))
+    # secsweep.backdoor.fit's loop over a training set that changes every epoch
+    model = ctx.prepare_model(build_victim_model(cfg, train))
+    opt = torch.optim.SGD(model.parameters(), lr=lr_at(0), momentum=cfg.attack_momentum,
+                          weight_decay=cfg.attack_weight_decay)
+    start, step = 0, 0
+    state = ctx.restored()
+    if state and "model" in state:
+        unwrap(model).load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, step = int(state["epoch"]), int(state["step"])
+    for epoch in range(start, cfg.attack_epochs):
+        images, labels, _ = epoch_set(cfg, train.images, train.labels, epoch)
+        step, loss = train_epoch(model, images, labels, opt, ctx, batch_size=cfg.attack_batch_size,
+                                 seed=cfg.seed, epoch=epoch, step=step, lr_at=lr_at)
+        metrics = {EPOCH: epoch + 1, LR: lr_at(max(step - 1, 0)), "train_loss": loss, **evaluate(model, ctx.device)}
+        ctx.report(metrics, state={"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                                   "epoch": epoch + 1, "step": step})
+    ctx.save_output("model", unwrap(model).state_dict())

@@ -1,0 +1,1 @@
+"""Clean (unpoisoned) models: upstream stages of attacks (LF needs one) and of comparisons."""

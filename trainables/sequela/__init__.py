@@ -1,0 +1,1 @@
+"""Backdoor sequela (METHODS.md §6): attacks on defended models."""
