@@ -69,6 +69,16 @@ def test_sft_grid_smoke_logs_structure_to_mlflow(tmp_path, sweep_env):
             assert sorted(steps) == [0, 1], (metric, steps)  # epoch 0 = before the defense, epoch 1
         assert "lr_schedule.png" in {a.path for a in client.list_artifacts(child.info.run_id)}
 
+    # `secsweep report` rebuilds the table from MLflow and attaches it to the parent run
+    from secsweep.cli import main as cli_main
+
+    assert cli_main(["report", "sft_grid", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                     "--out", str(tmp_path / "rep")]) == 0
+    per_defense = pd.read_csv(tmp_path / "rep" / "per_defense.csv")
+    assert set(per_defense["trainable"]) == {"sft", "ft"} and per_defense["der"].between(0, 1).all()
+    assert (tmp_path / "rep" / "device_hours.png").stat().st_size > 1000
+    assert "per_defense.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
 
 @pytest.mark.skipif(not FASHION.is_dir(), reason="needs apt-get install dataset-fashion-mnist")
 def test_sft_search_optuna_two_objectives(tmp_path, sweep_env):
@@ -185,3 +195,23 @@ def test_resume_finishes_without_redoing_finished_trials(tmp_path, sweep_env):
     for c in children:
         if c.data.tags["trial_id"] in done_before:  # not run again: no new metric points
             assert len(client.get_metric_history(c.info.run_id, "asr")) == done_before[c.data.tags["trial_id"]]
+
+
+def test_multi_worker_trial_runs_ray_train_ddp(tmp_path):
+    """--num-workers 2: each trial is a Ray Train TorchTrainer (DDP over gloo on CPU) launched from the
+    Tune trial; its reports reach Tune and MLflow like a single-process trial's."""
+    from secsweep.sweep import Sweep, grid, run
+
+    sweep = Sweep(name="ddp_sweep", trainable="badnets",
+                  fixed={"dataset": "digits", "model": "smallcnn", "attack_epochs": 2, "attack_batch_size": 32},
+                  grid=grid(poison_ratio=[0.1]), columns=("poison_ratio", "asr", "clean_acc"))
+    code = run(sweep, ["--storage-path", str(tmp_path / "rr"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                       "--num-workers", "2", "--cpus-per-trial", "0.5", "--results-csv", str(tmp_path / "r.csv")])
+    assert code == 0
+    table = pd.read_csv(tmp_path / "r.csv")
+    assert (table["status"] == "TERMINATED").all() and table["clean_acc"].between(0, 1).all()
+    client, _, children = runs_of(tmp_path / "mlflow.db", "ddp_sweep")
+    assert len(children) == 1
+    steps = sorted(m.step for m in client.get_metric_history(children[0].info.run_id, "asr"))
+    assert steps == [1, 2]
+    assert list((tmp_path / "rr" / "train").glob("train-*")), "no Ray Train run was launched"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from .config import build, fail, in_half_open_unit, in_open_unit, one_of, positi
 from .context import Context
 from .names import ASR, CLEAN_ACC, EPOCH, LR
 from .ops.metrics import accuracy, attack_success_rate
+from .ops.schedules import SHAPES, sft_lr
 from .poison import PoisonedSet, Trigger, poison, triggered_test_set
 from .training import predict, steps_per_epoch, train_epoch
 
@@ -103,6 +105,35 @@ class DefenseConfig(VictimConfig):
         return build(spec.config, values, what=f"attack {self.attack!r} (attack_options)")
 
 
+@dataclass(frozen=True)
+class SFTSchedule:
+    """Super-fine-tuning's two-phase cyclic learning rate (FTP §3.2/§4.4; METHODS.md §5.2), as fields
+    any config can mix in (the SFT defense, the transfer scenario). Call `check_schedule()` from
+    `__post_init__`."""
+
+    lr_base: float = 3e-4        # LR_BASE, learning rate per step at the bottom of every cycle (FTP: 3e-4)
+    lr_max1: float = 0.1         # LR_MAX1, peak learning rate in phase 1 (FTP: 0.1)
+    lr_max2: float = 0.001       # LR_MAX2, peak learning rate in phase 2 (FTP: 0.001)
+    phase1_epochs: float = 1.0   # epochs of phase 1 (FTP: 10; CPU-sized default)
+    ramp_steps: int = 0          # optimizer steps of one ramp LR_BASE -> peak (FTP: 500); 0 = a quarter epoch
+    shape: str = "triangular"    # cycle shape: triangular (ramp down) or sawtooth (instant drop); FTP: figure only
+
+    def check_schedule(self) -> None:
+        for name in ("lr_base", "lr_max1", "lr_max2"):
+            positive(name, getattr(self, name))
+        require(self.lr_max1 > self.lr_max2, "lr_max1", self.lr_max1, f"must be greater than lr_max2={self.lr_max2}")
+        require(self.lr_max2 >= self.lr_base, "lr_max2", self.lr_max2, f"must be >= lr_base={self.lr_base}")
+        require(self.phase1_epochs >= 0, "phase1_epochs", self.phase1_epochs, "must be >= 0")
+        require(self.ramp_steps >= 0, "ramp_steps", self.ramp_steps, "must be >= 1, or 0 for a quarter epoch")
+        one_of("shape", self.shape, SHAPES)
+
+    def schedule(self, steps_per_epoch: int) -> Callable[[int], float]:
+        """The learning rate as a function of the optimizer step."""
+        ramp = self.ramp_steps or max(1, steps_per_epoch // 4)
+        return partial(sft_lr, steps_per_epoch=steps_per_epoch, lr_base=self.lr_base, lr_max1=self.lr_max1,
+                       lr_max2=self.lr_max2, phase1_epochs=self.phase1_epochs, ramp_steps=ramp, shape=self.shape)
+
+
 # -- data ---------------------------------------------------------------------------------------
 
 def load_split(cfg: VictimConfig, ctx: Context, split: str) -> data_mod.ImageSet:
@@ -165,11 +196,13 @@ def fit(
     evaluate: Callable[[nn.Module, torch.device], Mapping[str, float]] | None = None,
     extra: Mapping[str, float] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    extra_state: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """SGD over (images, labels) for `epochs`, learning rate `lr_at(step)`; after every epoch report
     `evaluate(model)` plus `extra` with a checkpoint, and resume from the last one after a restart.
 
-    Returns the bare (unwrapped) model; the caller saves it.
+    `extra_state` joins every checkpoint (bookkeeping a restarted trial needs, read back with
+    `ctx.restored()`). Returns the bare (unwrapped) model; the caller saves it.
     """
     model = ctx.prepare_model(model)
     opt = torch.optim.SGD(model.parameters(), lr=lr_at(0), momentum=momentum, weight_decay=weight_decay)
@@ -186,8 +219,8 @@ def fit(
         metrics = {EPOCH: epoch + 1, LR: lr_at(max(step - 1, 0)), "train_loss": loss, **(extra or {})}
         if evaluate is not None:
             metrics.update(evaluate(model, ctx.device))
-        ctx.report(metrics, state={"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                                   "epoch": epoch + 1, "step": step})
+        ctx.report(metrics, state={**(extra_state or {}), "model": unwrap(model).state_dict(),
+                                   "optimizer": opt.state_dict(), "epoch": epoch + 1, "step": step})
     return unwrap(model)
 
 

@@ -29,27 +29,81 @@ def plot_lr_schedule(lr_at: Callable[[int], float], total_steps: int, steps_per_
     return path
 
 
-def plot_asr_vs_clean_acc(rows, path: Path, *, group: str = "defense", label: str | None = None,
-                          title: str = "attack success rate vs clean accuracy") -> Path:
-    """Scatter of final ASR (y) vs clean accuracy (x), one marker per group; lower right is better.
-
-    `rows` is a pandas DataFrame with columns asr, clean_acc and `group` (and optionally
-    asr_before/clean_acc_before, drawn as the undefended reference).
-    """
-    markers = "osD^vP*Xh<>"
-    fig, ax = plt.subplots(figsize=(6.5, 5), dpi=110)
-    for i, (name, sub) in enumerate(rows.groupby(group, sort=True)):
-        ax.scatter(sub["clean_acc"], sub["asr"], marker=markers[i % len(markers)], s=55, alpha=0.85, label=str(name))
+def plot_asr_vs_clean_acc(rows, path: Path, *, group: str = "trainable", style: str | None = None,
+                          label: str | None = None, title: str = "attack success rate vs clean accuracy") -> Path:
+    """Scatter of final ASR (y) vs clean accuracy (x): one marker shape per `group` value (defense),
+    one colour per `style` value (attack); lower right is better. Rows with asr_before and
+    clean_acc_before add the undefended models as black crosses."""
+    markers = "osD^vP*Xh<>p"
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    groups = sorted(rows[group].astype(str).unique())
+    styles = sorted(rows[style].astype(str).unique()) if style else [None]
+    fig, ax = plt.subplots(figsize=(7.5, 5.5), dpi=110)
+    for gi, g in enumerate(groups):
+        for si, st in enumerate(styles):
+            sub = rows[rows[group].astype(str) == g]
+            if st is not None:
+                sub = sub[sub[style].astype(str) == st]
+            if len(sub):
+                ax.scatter(sub["clean_acc"], sub["asr"], marker=markers[gi % len(markers)], s=60, alpha=0.85,
+                           color=colours[si % len(colours)] if st is not None else colours[gi % len(colours)],
+                           edgecolors="k", linewidths=0.4)
     if {"asr_before", "clean_acc_before"} <= set(rows.columns):
         ref = rows.dropna(subset=["asr_before"]).drop_duplicates(subset=["asr_before", "clean_acc_before"])
-        ax.scatter(ref["clean_acc_before"], ref["asr_before"], marker="x", c="k", s=70, label="before defense")
-    ax.set_xlabel("clean accuracy (fraction of clean test set)")
-    ax.set_ylabel("attack success rate (fraction of triggered test set)")
+        ax.scatter(ref["clean_acc_before"], ref["asr_before"], marker="x", c="k", s=70)
+    # legends: shapes = defenses, colours = attacks
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker=markers[i % len(markers)], ls="", color="grey", mec="k", label=g)
+               for i, g in enumerate(groups)]
+    if style:
+        handles += [Line2D([], [], marker="s", ls="", color=colours[i % len(colours)], label=f"{style}: {st}")
+                    for i, st in enumerate(styles)]
+    if {"asr_before", "clean_acc_before"} <= set(rows.columns):
+        handles.append(Line2D([], [], marker="x", ls="", color="k", label="before defense"))
+    ax.legend(handles=handles, title=label or group, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_xlabel("clean accuracy (fraction of the clean test set)")
+    ax.set_ylabel("attack success rate (fraction of triggered test inputs)")
     ax.set_xlim(0, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.set_title(title + "\n(lower right is better)")
-    ax.legend(title=label or group, fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_device_hours(rows, path: Path, *, group: str = "trainable", title: str = "cost per trial") -> Path:
+    """Mean device-hours per trial for each defense (bars, with the min-max range)."""
+    stats = rows.groupby(group)["device_hours"].agg(["mean", "min", "max"]).sort_values("mean")
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(stats) + 1.6), dpi=110)
+    y = range(len(stats))
+    ax.barh(list(y), stats["mean"], xerr=[stats["mean"] - stats["min"], stats["max"] - stats["mean"]],
+            color="#4c72b0", capsize=3)
+    ax.set_yticks(list(y), [str(i) for i in stats.index])
+    ax.set_xlabel("device-hours per trial (GPU-hours on GPUs, CPU process-hours on CPUs)")
+    ax.set_ylabel(group)
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_reinjection(curves, path: Path, *, title: str = "backdoor re-injection") -> Path:
+    """ASR per epoch of re-injection runs, one line per (defense, poison ratio); 0.9 marked."""
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=110)
+    for name, frame in sorted(curves.items()):
+        ax.plot(frame["epoch"], frame["asr"], marker=".", label=name)
+    ax.axhline(0.9, color="grey", ls=":", lw=1)
+    ax.set_xlabel("re-injection epoch (0 = defended model before re-injection)")
+    ax.set_ylabel("attack success rate (fraction of triggered test inputs)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(title="defense @ poison ratio", fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

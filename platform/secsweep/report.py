@@ -77,34 +77,104 @@ def display_columns(frame: pd.DataFrame, wanted: Sequence[str]) -> list[str]:
     return seen
 
 
-def write_sweep_report(frame: pd.DataFrame, out_dir: Path, sweep, csv_path: str | None = None) -> list[Path]:
-    """results.csv, results.md and the ASR-vs-clean-accuracy scatter in `out_dir` (and `csv_path`)."""
-    from .plots import plot_asr_vs_clean_acc
-
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_sweep_report(frame: pd.DataFrame, out_dir: Path, sweep, csv_path: str | None = None,
+                       histories: dict[str, pd.DataFrame] | None = None) -> list[Path]:
+    """The end-of-sweep report (see write_report), plus a copy of the CSV at `csv_path`."""
     if sweep.space is not None and len(sweep.objectives) > 1 and len(frame):
         frame["pareto"] = pareto_front(frame, sweep.objectives)
-    cols = display_columns(frame, sweep.columns)
-    paths = [out_dir / "results.csv", out_dir / "results.md"]
-    frame.to_csv(paths[0], index=False)
-    paths[1].write_text(frame[cols].to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else frame[cols].to_string(index=False))
+    paths = write_report(frame, out_dir, title=sweep.name, columns=sweep.columns, histories=histories)
     if csv_path:
         Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(csv_path, index=False)
-    ok = frame[frame["status"] != "ERROR"].dropna(subset=[c for c in (ASR, CLEAN_ACC) if c in frame.columns]) if len(frame) else frame
-    if len(ok) and {ASR, CLEAN_ACC} <= set(ok.columns):
-        group = TRAINABLE_KEY if TRAINABLE_KEY in ok.columns else None
-        if group and "attack" in ok.columns and ok["attack"].nunique() > 1:
-            ok = ok.assign(method=ok[TRAINABLE_KEY] + " / " + ok["attack"])
-            group = "method"
-        paths.append(plot_asr_vs_clean_acc(ok, out_dir / "asr_vs_clean_acc.png", group=group or "status",
-                                           label="defense / attack", title=f"{sweep.name}: ASR vs clean accuracy"))
     return paths
 
 
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def write_report(frame: pd.DataFrame, out_dir: Path, *, title: str, columns: Sequence[str] = (),
+                 histories: dict[str, pd.DataFrame] | None = None) -> list[Path]:
+    """results.csv and results.md (one row per trial, DER included), per_defense.csv/.md (mean ASR,
+    clean accuracy, device-hours and DER per defense and attack), and the plots: ASR vs clean accuracy
+    (one marker per defense), device-hours per defense, and ASR-per-epoch curves of re-injection
+    trials when `histories` (trial_id -> per-epoch frame) has them."""
+    from .plots import plot_asr_vs_clean_acc, plot_device_hours, plot_reinjection
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame = add_der(frame)
+    cols = display_columns(frame, columns)
+    paths = [out_dir / "results.csv", out_dir / "results.md"]
+    frame.to_csv(paths[0], index=False)
+    paths[1].write_text(frame[cols].to_markdown(index=False, floatfmt=".4g"))
+    ok = frame[frame["status"] == "TERMINATED"] if "status" in frame.columns else frame
+    ok = ok.dropna(subset=[c for c in (ASR, CLEAN_ACC) if c in ok.columns])
+    if len(ok) and {ASR, CLEAN_ACC, TRAINABLE_KEY} <= set(ok.columns):
+        keys = [TRAINABLE_KEY] + (["attack"] if "attack" in ok.columns else [])
+        means = [c for c in (ASR, CLEAN_ACC, DEVICE_HOURS, DER) if c in ok.columns]
+        summary = ok.groupby(keys, dropna=False)[means].mean().reset_index()
+        paths += [out_dir / "per_defense.csv", out_dir / "per_defense.md"]
+        summary.to_csv(paths[-2], index=False)
+        paths[-1].write_text(summary.to_markdown(index=False, floatfmt=".4g"))
+        paths.append(plot_asr_vs_clean_acc(ok, out_dir / "asr_vs_clean_acc.png", group=TRAINABLE_KEY,
+                                           style="attack" if "attack" in ok.columns else None,
+                                           label="defense", title=f"{title}: ASR vs clean accuracy"))
+        if DEVICE_HOURS in ok.columns:
+            paths.append(plot_device_hours(ok, out_dir / "device_hours.png", group=TRAINABLE_KEY,
+                                           title=f"{title}: cost per trial"))
+    if histories and TRAINABLE_KEY in frame.columns:
+        curves = {}
+        for row in frame[frame[TRAINABLE_KEY] == "reinjection"].to_dict("records"):
+            h = histories.get(row["trial_id"])
+            if h is not None and ASR in h.columns:
+                curves[f"{row.get('defense', '?')} @ ratio {row.get('reinject_ratio', '?')}"] = h
+        if curves:
+            paths.append(plot_reinjection(curves, out_dir / "reinjection.png", title=f"{title}: backdoor re-injection"))
+    return paths
+
+
+# -- from MLflow (`secsweep report`) ----------------------------------------------------------------
+
+def frame_from_mlflow(client, experiment: str, parent_run_id: str | None = None):
+    """Trials of one sweep invocation (the latest parent run of `experiment` unless given) as rows of
+    params, last metric values, status and error; plus per-epoch ASR of re-injection runs; and the
+    parent run."""
+    from .config import parse_value
+    from .errors import SecsweepError
+
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise SecsweepError(f"experiment={experiment!r}: not found in {client.tracking_uri}")
+    if parent_run_id is None:
+        parents = client.search_runs([exp.experiment_id], filter_string="tags.sweep_script != ''",
+                                     order_by=["attributes.start_time DESC"], max_results=1)
+        if not parents:
+            raise SecsweepError(f"experiment={experiment!r}: no sweep runs in it")
+        parent = parents[0]
+    else:
+        parent = client.get_run(parent_run_id)
+    children = client.search_runs([exp.experiment_id], max_results=50000,
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    rows, histories = [], {}
+    status_map = {"FINISHED": "TERMINATED", "FAILED": "ERROR"}
+    for child in children:
+        row = {"trial_id": child.data.tags.get("trial_id", child.info.run_id)}
+        row.update({k: parse_value(v) for k, v in child.data.params.items()})
+        row.update(child.data.metrics)
+        row["status"] = status_map.get(child.info.status, "UNFINISHED")
+        row["error"] = (child.data.tags.get("error", "").strip().splitlines() or [""])[-1][:200]
+        rows.append(row)
+        if row.get(TRAINABLE_KEY) == "reinjection":
+            hist = sorted(client.get_metric_history(child.info.run_id, ASR), key=lambda m: m.step)
+            histories[row["trial_id"]] = pd.DataFrame({"epoch": [m.step for m in hist], ASR: [m.value for m in hist]})
+    frame = pd.DataFrame(rows)
+    if len(frame):
+        frame = frame.sort_values("trial_id").reset_index(drop=True)
+    return frame, histories, parent
+
+
+def histories_from_results(results) -> dict[str, pd.DataFrame]:
+    """Per-epoch metrics of every trial of a Tune ResultGrid, by trial_id."""
+    out = {}
+    for r in results:
+        df = getattr(r, "metrics_dataframe", None)
+        tid = (r.metrics or {}).get("trial_id")
+        if df is not None and tid and "epoch" in df.columns:
+            out[tid] = df
+    return out

@@ -313,7 +313,7 @@ def _launch(plan_: Plan, args) -> int:
     import ray
     from ray import tune
 
-    from .report import results_frame, write_sweep_report
+    from .report import histories_from_results, results_frame, write_sweep_report
     from .runtime import RuntimeSettings, trial_entry
     from .tracking import MlflowTrialCallback, ParentRun, client_for, resolve_tracking_uri
 
@@ -389,7 +389,8 @@ def _launch(plan_: Plan, args) -> int:
         unfinished = int((frame["status"] == "UNFINISHED").sum()) if len(frame) else 0
         if unfinished:
             status = "KILLED"
-        paths = write_sweep_report(frame, exp_dir, sweep, csv_path=args.results_csv)
+        paths = write_sweep_report(frame, exp_dir, sweep, csv_path=args.results_csv,
+                                   histories=histories_from_results(results))
         parent.log_artifacts(paths)
         parent.set_tags({"trials": len(frame), "failed_trials": int((frame["status"] == "ERROR").sum()) if len(frame) else 0})
         print_table(frame, sweep)

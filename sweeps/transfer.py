@@ -1,0 +1,27 @@
+"""The transfer-based scenario: a classifier backdoored on a source dataset gets a new head and is
+fine-tuned on a target dataset, by conventional fine-tuning or SFT (FTP §5.2, thesis Fig. 3.3;
+METHODS.md §4.0, §5.4). ASR uses the original trigger against the class the undefended transferred
+model predicts most on triggered inputs (reported as transfer_target).
+
+Offline default: Fashion-MNIST -> sklearn digits (upsampled to 28x28). Paper: CIFAR-100 -> CIFAR-10.
+"""
+
+from secsweep.sweep import Sweep, grid, main
+
+SWEEP = Sweep(
+    name="transfer",
+    description=__doc__,
+    trainable="transfer",
+    fixed={"dataset": "fashion_mnist", "target_dataset": "digits", "model": "smallcnn", "train_size": 20000,
+           "attack_epochs": 3, "epochs": 3, "batch_size": 64},
+    grid=grid(attack=["badnets", "blended"], method=["sft", "ft"]),
+    columns=("attack", "method", "transfer_target", "asr", "clean_acc", "device_hours"),
+    presets={"paper": {"fixed": {"dataset": "cifar100", "target_dataset": "cifar10", "model": "preact_resnet18",
+                                 "train_size": 0, "attack_epochs": 200, "attack_lr": 0.001, "attack_batch_size": 256,
+                                 "batch_size": 256, "epochs": 100, "phase1_epochs": 10, "ramp_steps": 500}}},
+    smoke={"fixed": {"train_size": 3000, "attack_epochs": 2, "epochs": 1},
+           "grid": grid(attack=["badnets"], method=["sft"])},
+)
+
+if __name__ == "__main__":
+    main(SWEEP)
