@@ -120,9 +120,10 @@ def test_reinjection_is_faster_into_a_defended_model_than_into_a_clean_one(stage
     cfg, clean_ctx = run("reinjection", stage_root, tmp_path / "clean", **BACKDOOR, defense="clean",
                          reinject_ratio=0.01, reinject_epochs=E)
     sft, clean = sft_ctx.history, clean_ctx.history
-    print(f"\nratio 0.01 ({sft[0]['reinject_poisoned']:.0f} poisoned): ASR per epoch\n"
-          f"  SFT-defended {' '.join(f'{a:.2f}' for a in curve(sft))}  epochs_to_asr90 {sft[-1]['epochs_to_asr90']:.0f}\n"
-          f"  clean        {' '.join(f'{a:.2f}' for a in curve(clean))}  epochs_to_asr90 {clean[-1]['epochs_to_asr90']:.0f}")
+    print(f"\nratio 0.01 ({sft[0]['reinject_poisoned']:.0f} poisoned): ASR per epoch")
+    for name, hist in (("SFT-defended", sft), ("clean", clean)):
+        print(f"  {name:12s} {' '.join(f'{a:.2f}' for a in curve(hist))}  "
+              f"epochs_to_asr90 {hist[-1]['epochs_to_asr90']:.0f}")
 
     # one report per epoch, epoch 0 = before re-injection; every report carries the declared metrics
     for hist in (sft, clean):

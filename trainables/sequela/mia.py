@@ -30,22 +30,19 @@ Also reported: `asr`, `clean_acc` of the attacked model, `train_acc` and `overfi
 test accuracy, SecurityNet's "overfitting level"). One report (epoch 1). Saved output: the NN
 attack model (`attack_model`).
 
-`SequelaConfig` and `load_defended` are shared with trainables/sequela/reinjection.py.
+`SequelaConfig` and `load_defended` (secsweep.sequela) are shared with reinjection.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from secsweep import data as data_mod
-from secsweep import registry
-from secsweep.backdoor import DefenseConfig, Victim, load_split, load_victim
-from secsweep.config import build, fail, one_of, positive, require
-from secsweep.errors import ArtifactError
+from secsweep.backdoor import load_split
+from secsweep.config import one_of, positive, require
 from secsweep.names import ACCURACY, ASR, AUC, CLEAN_ACC, DEVICE_HOURS, EPOCH, FPR, TPR
 from secsweep.ops.mia import (
     FEATURE_KINDS,
@@ -59,68 +56,8 @@ from secsweep.ops.mia import (
     train_attack,
 )
 from secsweep.registry import register
+from secsweep.sequela import SequelaConfig, load_defended
 from secsweep.training import probabilities
-
-DEFENSE_FIELDS = tuple(f.name for f in dataclasses.fields(DefenseConfig))
-BASELINES = ("none", "clean")  # the backdoored model itself; a clean model with the victim's recipe
-
-
-# -- shared by every sequela trainable ------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SequelaConfig(DefenseConfig):
-    """A defended model to attack: the DefenseConfig fields, plus which defense produced it."""
-
-    defense: str = "sft"                                   # a defense trainable, or "none" / "clean"
-    defense_options: dict = field(default_factory=dict)   # defense-specific fields, e.g. {"lr_max1": 0.3}
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        one_of("defense", self.defense, registry.names("defense") + BASELINES)
-        if self.defense in BASELINES:
-            require(not self.defense_options, "defense_options", self.defense_options,
-                    f"must be empty for defense={self.defense!r}")
-        else:
-            self.defense_config()  # validates defense_options against the defense's Config
-
-    def defense_config(self):
-        """The defense's Config: every DefenseConfig field of this config plus `defense_options`."""
-        spec = registry.get(self.defense)
-        shared = sorted(set(self.defense_options) & set(DEFENSE_FIELDS))
-        if shared:
-            fail(f"defense_options.{shared[0]}", self.defense_options[shared[0]],
-                 "is a shared setting of defense and sequela; set it directly, not in defense_options")
-        values = {k: getattr(self, k) for k in DEFENSE_FIELDS}
-        values.update(self.defense_options)
-        return build(spec.config, values, what=f"defense {self.defense!r} (defense_options)")
-
-    def clean_config(self):
-        """Config of the "clean" model stage: the victim's data, architecture and training recipe."""
-        return registry.get("clean").build_config({
-            "dataset": self.dataset, "model": self.model, "train_size": self.train_size,
-            "image_size": self.image_size, "channels": self.channels, "epochs": self.attack_epochs,
-            "lr": self.attack_lr, "momentum": self.attack_momentum, "weight_decay": self.attack_weight_decay,
-            "batch_size": self.attack_batch_size, "seed": self.seed,
-        })
-
-
-def load_defended(cfg: SequelaConfig, ctx) -> Victim:
-    """The victim of `cfg` (trigger, clean training set, test evaluation) with its model replaced by
-    the output `model` of `cfg.defense` (a cached stage); "none" keeps the backdoored model, "clean"
-    loads a clean model trained with the victim's recipe."""
-    victim = load_victim(cfg, ctx)
-    if cfg.defense == "none":
-        return victim
-    if cfg.defense == "clean":
-        out = ctx.stage("clean", cfg.clean_config())
-    else:
-        out = ctx.stage(cfg.defense, cfg.defense_config())
-    if not (out.path / "model.safetensors").is_file():
-        raise ArtifactError(f"defense={cfg.defense!r}: its stage saved no output 'model' "
-                            "(a defense must call ctx.save_output('model', ...))")
-    victim.model.load_state_dict(out.tensors("model"))
-    return victim
-
 
 # -- membership inference -------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ from secsweep.config import in_open_unit, require
 from secsweep.names import ASR, CLEAN_ACC, DEVICE_HOURS, EPOCH
 from secsweep.poison import poison
 from secsweep.registry import register
-from trainables.sequela.mia import SequelaConfig, load_defended
+from secsweep.sequela import SequelaConfig, load_defended
 
 ASR_GOAL = 0.9          # "epochs to ASR >= 0.9" (the paper quotes 0.935 within 2 epochs, FTP §6.2)
 EPOCHS_TO_GOAL = "epochs_to_asr90"

@@ -1,0 +1,28 @@
+"""Every defense against every attack in the standalone scenario (FTP §5.3-§5.4, thesis Fig. 3.5-3.8;
+METHODS.md §5.3, §5.4): ASR, clean accuracy, device-hours and DER per (defense, attack). Each
+backdoored model is trained once (a cached stage) and shared by all its defenses.
+
+    python sweeps/defense_comparison.py            # Fashion-MNIST, small CNN, CPU
+    secsweep report defense_comparison             # table, scatter, cost and DER from MLflow
+"""
+
+from secsweep.sweep import Sweep, grid, main
+
+ATTACKS = ["badnets", "blended", "lf", "inputaware", "wanet"]
+DEFENSES = ["ft", "sft", "fp", "nad", "nc", "abl", "ac", "spectral"]
+
+SWEEP = Sweep(
+    name="defense_comparison",
+    description=__doc__,
+    fixed={"dataset": "fashion_mnist", "model": "smallcnn", "train_size": 10000, "attack_epochs": 3, "epochs": 2},
+    grid=grid(trainable=DEFENSES, attack=ATTACKS),
+    columns=("trainable", "attack", "asr", "clean_acc", "device_hours", "der"),
+    presets={"paper": {"fixed": {"dataset": "cifar10", "model": "preact_resnet18", "train_size": 0,
+                                 "attack_epochs": 200, "attack_lr": 0.001, "attack_batch_size": 256,
+                                 "batch_size": 256, "epochs": 20}}},
+    smoke={"fixed": {"train_size": 2000, "attack_epochs": 1, "epochs": 1},
+           "grid": grid(trainable=["sft", "spectral"], attack=["badnets"])},
+)
+
+if __name__ == "__main__":
+    main(SWEEP)

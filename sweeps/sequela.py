@@ -1,0 +1,38 @@
+"""Backdoor sequela (FTP §6, thesis §3.5; METHODS.md §6): membership inference on every defended
+model, and re-injection of the same backdoor into every defended model and into a clean model at
+poison ratios down to 0.001 (paper: 0.1, 0.01, 0.001, 0.0001; `--preset paper`).
+
+Each defended model is a cached stage, computed once and attacked by every trial that needs it.
+"""
+
+from secsweep.sweep import Sweep, grid, main, variants
+
+DEFENSES = ["none", "ft", "sft", "fp", "nad", "nc", "abl", "ac", "spectral"]  # none = the backdoored model
+
+SWEEP = Sweep(
+    name="sequela",
+    description=__doc__,
+    fixed={"attack": "badnets", "dataset": "fashion_mnist", "model": "smallcnn", "train_size": 10000,
+           "attack_epochs": 3, "epochs": 2, "reinject_epochs": 10},
+    grid=variants(
+        grid(trainable=["mia"], defense=DEFENSES),
+        grid(trainable=["reinjection"], defense=["clean", *DEFENSES], reinject_ratio=[0.1, 0.01, 0.001]),
+    ),
+    columns=("trainable", "defense", "reinject_ratio", "auc", "accuracy", "mentr_auc", "epochs_to_asr90", "asr",
+             "clean_acc", "device_hours"),
+    presets={"paper": {
+        "fixed": {"attack": "badnets", "dataset": "cifar10", "model": "preact_resnet18", "train_size": 0,
+                  "attack_epochs": 200, "attack_lr": 0.001, "attack_batch_size": 256, "batch_size": 256,
+                  "epochs": 20, "reinject_epochs": 25},
+        "grid": variants(
+            grid(trainable=["mia"], defense=DEFENSES),
+            grid(trainable=["reinjection"], defense=["clean", *DEFENSES], reinject_ratio=[0.1, 0.01, 0.001, 0.0001]),
+        ),
+    }},
+    smoke={"fixed": {"train_size": 3000, "attack_epochs": 2, "epochs": 1, "reinject_epochs": 2},
+           "grid": variants(grid(trainable=["mia"], defense=["sft"]),
+                            grid(trainable=["reinjection"], defense=["sft", "clean"], reinject_ratio=[0.1]))},
+)
+
+if __name__ == "__main__":
+    main(SWEEP)
