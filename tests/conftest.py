@@ -17,6 +17,18 @@ def python_env(tmp_path: Path) -> dict:
     return env
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tests use tiny tensors: intra-op threads only add contention on a 2-core CI machine.
+    (Sweep subprocesses and the behaviour test set their own thread counts.)"""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def sweep_env(tmp_path):
     return python_env(tmp_path)

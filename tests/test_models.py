@@ -12,13 +12,6 @@ from secsweep.models import MODELS, build_model, model_names, register_model
 PREACT_RESNET18_PARAMS = 11_172_170  # 10 classes, with the final BN (see PreActResNet18 docstring)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tests share two CPU cores with other workers: use one intra-op thread, then restore."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _tiny(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:

@@ -21,13 +21,6 @@ DIM = 32  # feature dimension
 N_POISON = 20  # planted poisoned samples, all labelled class 0 (10 % of that class)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Intra-op threads only add contention on the shared 2-core test machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,6 @@ from secsweep.ops.frequency import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on the shared 2-core CI box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _high_freq_fraction(x: torch.Tensor, cutoff: float = LF_CUTOFF) -> float:

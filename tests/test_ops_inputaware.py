@@ -21,13 +21,6 @@ from secsweep.ops.inputaware import (
 TINY = (4, 8)  # channel widths small enough for fast CPU tests
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on the shared 2-core CI box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _rand(*shape: int, seed: int = 0) -> torch.Tensor:

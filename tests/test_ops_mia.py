@@ -28,13 +28,6 @@ K = 10  # classes
 N = 400  # samples per group
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Intra-op threads only add contention on the shared 2-core test machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _posteriors(n: int, margin: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

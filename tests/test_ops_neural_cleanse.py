@@ -18,13 +18,6 @@ PATCH = 8  # badnets() scales its patch from 32x32: round(8 * 8 / 32) = a 2x2 pa
 TARGET = 0  # backdoor target class
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Intra-op threads only add contention on the shared 2-core test machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _images(n: int, seed: int, poison: float) -> tuple[torch.Tensor, torch.Tensor]:

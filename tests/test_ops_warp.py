@@ -17,13 +17,6 @@ from secsweep.ops.warp import (
 H = W = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on the shared 2-core CI box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _displacement_px(grid: torch.Tensor) -> torch.Tensor:

@@ -155,7 +155,7 @@ def _train_worker(loop_config: dict) -> None:
     ctx = TrainContext(
         workdir=Path(loop_config["workdir"]) / f"rank{os.environ.get('RANK', '0')}",
         data_root=settings.data_root, download=settings.download, stage_root=settings.stage_root,
-        devices_per_trial=max(settings.gpus_per_trial, 1.0) * settings.num_workers,
+        devices_per_trial=(settings.gpus_per_trial or 1.0) * settings.num_workers,
     )
     spec.fn(cfg, ctx)
 
@@ -172,7 +172,7 @@ def trial_entry(config: dict, settings: RuntimeSettings) -> None:
         ctx = TuneContext(
             workdir=trial_dir, device=pick_device(settings.gpus_per_trial), data_root=settings.data_root,
             download=settings.download, stage_root=settings.stage_root,
-            devices_per_trial=max(settings.gpus_per_trial, 1.0),
+            devices_per_trial=settings.gpus_per_trial or 1.0,  # a GPU fraction counts as that fraction
         )
         spec.fn(cfg, ctx)
         return
