@@ -183,8 +183,8 @@ class BackdoorEval:
 
 def fit(
     model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    images: torch.Tensor | Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    labels: torch.Tensor | None,
     ctx: Context,
     *,
     epochs: int,
@@ -201,6 +201,8 @@ def fit(
     """SGD over (images, labels) for `epochs`, learning rate `lr_at(step)`; after every epoch report
     `evaluate(model)` plus `extra` with a checkpoint, and resume from the last one after a restart.
 
+    `images` may instead be a function of the 0-based epoch returning (images, labels), for training
+    sets that change every epoch (WaNet's re-drawn poison and noise samples); `labels` is then None.
     `extra_state` joins every checkpoint (bookkeeping a restarted trial needs, read back with
     `ctx.restored()`). Returns the bare (unwrapped) model; the caller saves it.
     """
@@ -214,7 +216,8 @@ def fit(
         start, step = int(state["epoch"]), int(state["step"])
     kw = {"loss_fn": loss_fn} if loss_fn is not None else {}
     for epoch in range(start, epochs):
-        step, loss = train_epoch(model, images, labels, opt, ctx, batch_size=batch_size, seed=seed, epoch=epoch,
+        x, y = images(epoch) if callable(images) else (images, labels)
+        step, loss = train_epoch(model, x, y, opt, ctx, batch_size=batch_size, seed=seed, epoch=epoch,
                                  step=step, lr_at=lr_at, **kw)
         metrics = {EPOCH: epoch + 1, LR: lr_at(max(step - 1, 0)), "train_loss": loss, **(extra or {})}
         if evaluate is not None:

@@ -49,13 +49,12 @@ from dataclasses import dataclass
 import torch
 
 from secsweep import data
-from secsweep.backdoor import BackdoorEval, VictimConfig, build_victim_model, load_split, unwrap
+from secsweep.backdoor import BackdoorEval, VictimConfig, build_victim_model, fit, load_split
 from secsweep.config import one_of, positive, require
-from secsweep.names import EPOCH, LR
 from secsweep.ops import warp as warp_ops
 from secsweep.poison import poison
 from secsweep.registry import register
-from secsweep.training import steps_per_epoch, train_epoch
+from secsweep.training import steps_per_epoch
 
 LR_SCHEDULES = ("cosine", "constant")
 
@@ -136,22 +135,7 @@ def run(cfg: Config, ctx) -> None:
     test = load_split(cfg, ctx, "test")
     evaluate = BackdoorEval.build(test, trigger(cfg), cfg.target_label, cfg.include_target_class)
     lr_at = lr_schedule(cfg, cfg.attack_epochs * steps_per_epoch(len(train), cfg.attack_batch_size, ctx.world_size))
-    # secsweep.backdoor.fit's loop over a training set that changes every epoch
-    model = ctx.prepare_model(build_victim_model(cfg, train))
-    opt = torch.optim.SGD(model.parameters(), lr=lr_at(0), momentum=cfg.attack_momentum,
-                          weight_decay=cfg.attack_weight_decay)
-    start, step = 0, 0
-    state = ctx.restored()
-    if state and "model" in state:
-        unwrap(model).load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, step = int(state["epoch"]), int(state["step"])
-    for epoch in range(start, cfg.attack_epochs):
-        images, labels, _ = epoch_set(cfg, train.images, train.labels, epoch)
-        step, loss = train_epoch(model, images, labels, opt, ctx, batch_size=cfg.attack_batch_size,
-                                 seed=cfg.seed, epoch=epoch, step=step, lr_at=lr_at)
-        metrics = {EPOCH: epoch + 1, LR: lr_at(max(step - 1, 0)), "train_loss": loss,
-                   **evaluate(model, ctx.device)}
-        ctx.report(metrics, state={"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                                   "epoch": epoch + 1, "step": step})
-    ctx.save_output("model", unwrap(model).state_dict())
+    model = fit(build_victim_model(cfg, train), lambda epoch: epoch_set(cfg, train.images, train.labels, epoch)[:2],
+                None, ctx, epochs=cfg.attack_epochs, batch_size=cfg.attack_batch_size, seed=cfg.seed, lr_at=lr_at,
+                momentum=cfg.attack_momentum, weight_decay=cfg.attack_weight_decay, evaluate=evaluate)
+    ctx.save_output("model", model.state_dict())
