@@ -215,3 +215,20 @@ def test_multi_worker_trial_runs_ray_train_ddp(tmp_path):
     steps = sorted(m.step for m in client.get_metric_history(children[0].info.run_id, "asr"))
     assert steps == [1, 2]
     assert list((tmp_path / "rr" / "train").glob("train-*")), "no Ray Train run was launched"
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="needs apt-get install dataset-fashion-mnist")
+@pytest.mark.parametrize("script, trials", [
+    ("defense_comparison", 2), ("sft_ablation", 2), ("ft_lr", 2), ("poison_ratio", 1), ("transfer", 1), ("sequela", 3),
+])
+def test_every_sweep_script_smoke_runs_and_logs(script, trials, tmp_path, sweep_env):
+    """Each sweep script's --smoke-test runs its trainables through Tune and MLflow end to end."""
+    proc = run_script(ROOT / f"sweeps/{script}.py", ["--smoke-test", "--storage-path", str(tmp_path / "rr"),
+                      "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--results-csv", str(tmp_path / "r.csv")],
+                      sweep_env, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "r.csv")
+    assert len(table) == trials and (table["status"] == "TERMINATED").all(), table.to_string()
+    _, parents, children = runs_of(tmp_path / "mlflow.db", script)
+    assert len(parents) == 1 and len(children) == trials
+    assert all(c.info.status == "FINISHED" and "asr" in c.data.metrics for c in children)

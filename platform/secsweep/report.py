@@ -10,7 +10,7 @@ import pandas as pd
 
 from .names import ASR, CLEAN_ACC, DER, DEVICE_HOURS
 from .ops.metrics import der
-from .runtime import PARAMS_KEY, TRAINABLE_KEY
+from .runtime import PARAMS_KEY, TRAINABLE_KEY, numeric_metrics
 
 FIRST = ("trial_id", TRAINABLE_KEY, "attack")
 LAST = (ASR, CLEAN_ACC, DEVICE_HOURS, "asr_before", "clean_acc_before", DER, "pareto", "status", "error")
@@ -47,9 +47,7 @@ def results_frame(results) -> pd.DataFrame:
         cfg = (r.config or {}).get(PARAMS_KEY, {})
         row: dict[str, Any] = {"trial_id": m.get("trial_id") or Path(str(r.path)).name.split("_")[1] if r.path else None}
         row.update({k: v for k, v in cfg.items()})
-        for k in (ASR, CLEAN_ACC, DEVICE_HOURS, "asr_before", "clean_acc_before", "epoch"):
-            if k in m:
-                row[k] = m[k]
+        row.update({k: v for k, v in numeric_metrics(m).items() if k not in row})
         row["status"] = status
         row["error"] = (str(r.error).strip().splitlines() or [""])[-1][:200] if r.error is not None else ""
         rows.append(row)

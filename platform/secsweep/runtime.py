@@ -13,10 +13,13 @@ its last epoch and its files reach the driver through Ray's own storage sync, on
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 import random
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,21 @@ STATE_FILE = "state.pt"
 ARTIFACTS = "artifacts"
 PARAMS_KEY = "params"  # Tune config key holding the trainable's config values
 TRAINABLE_KEY = "trainable"
+
+# keys Tune adds to every result; not metrics of the method
+TUNE_KEYS = {
+    "time_this_iter_s", "time_total_s", "timestamp", "training_iteration", "time_since_restore",
+    "iterations_since_restore", "pid", "done", "checkpoint_dir_name", "should_checkpoint", "node_ip",
+    "timesteps_total", "episodes_total", "timesteps_since_restore", "checkpoint_path",
+}
+
+
+def numeric_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v) for k, v in result.items()
+        if k not in TUNE_KEYS and k != "config" and isinstance(v, numbers.Real) and not isinstance(v, bool)
+        and math.isfinite(float(v))
+    }
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import numbers
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
@@ -26,19 +24,12 @@ from ray.tune import Callback
 from . import registry
 from .config import to_dict
 from .names import EPOCH, TAG_TRIAL_ID
-from .runtime import ARTIFACTS, PARAMS_KEY, TRAINABLE_KEY
+from .runtime import ARTIFACTS, PARAMS_KEY, TRAINABLE_KEY, numeric_metrics
 
 log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LEN = 6000
-# keys Tune adds to every result; not metrics of the method
-TUNE_KEYS = {
-    "time_this_iter_s", "time_total_s", "timestamp", "training_iteration", "time_since_restore",
-    "iterations_since_restore", "pid", "done", "checkpoint_dir_name", "should_checkpoint", "node_ip",
-    "timesteps_total", "episodes_total", "timesteps_since_restore", "checkpoint_path",
-}
-
 
 def resolve_tracking_uri(uri: str | None) -> str:
     """sqlite:///mlflow.db by default; a plain path becomes an absolute sqlite or file URI."""
@@ -66,14 +57,6 @@ def flat_params(values: Mapping[str, Any], prefix: str = "") -> list[Param]:
             text = json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
             out.append(Param(f"{prefix}{k}", text[:MAX_PARAM_LEN]))
     return out
-
-
-def numeric_metrics(result: Mapping[str, Any]) -> dict[str, float]:
-    return {
-        k: float(v) for k, v in result.items()
-        if k not in TUNE_KEYS and k != "config" and isinstance(v, numbers.Real) and not isinstance(v, bool)
-        and math.isfinite(float(v))
-    }
 
 
 def resolved_params(config: Mapping[str, Any]) -> dict[str, Any]:
