@@ -65,33 +65,32 @@ def train_epoch(
 
 
 @torch.no_grad()
+def batched_eval(fn: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, images: torch.Tensor,
+                 device: torch.device, batch_size: int = 1024, empty_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`fn(batch)` over `images` in eval mode, batch by batch on `device`, concatenated on the CPU;
+    the model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = [fn(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, dtype=empty_dtype)
+
+
 def predict(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
     """Predicted labels (CPU tensor) in eval mode."""
-    was_training = model.training
-    model.eval()
-    out = [model(images[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
-    model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+    return batched_eval(lambda x: model(x).argmax(1), model, images, device, batch_size, torch.long)
 
 
-@torch.no_grad()
 def features(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
     """Penultimate representations `model.features(x)` (CPU tensor, eval mode)."""
-    was_training = model.training
-    model.eval()
-    out = [model.features(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]
-    model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
+    return batched_eval(model.features, model, images, device, batch_size)
 
 
-@torch.no_grad()
 def probabilities(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
     """Softmax posteriors (CPU tensor, eval mode)."""
-    was_training = model.training
-    model.eval()
-    out = [model(images[i : i + batch_size].to(device)).softmax(1).cpu() for i in range(0, len(images), batch_size)]
-    model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
+    return batched_eval(lambda x: model(x).softmax(1), model, images, device, batch_size)
 
 
 def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
