@@ -1,6 +1,6 @@
 """Optuna search over super-fine-tuning's learning rates and clean-data fraction, as a two-objective
-problem: attack success rate minimised, clean accuracy maximised (NSGA-II through Ray Tune's
-OptunaSearch). The results table marks the Pareto front. `--asha` adds ASHA early stopping on ASR.
+problem: validation attack success rate minimised, validation clean accuracy maximised (NSGA-II through Ray Tune's
+OptunaSearch). The results table marks the Pareto front. `--asha` adds ASHA early stopping on validation DER (which a collapsed model cannot win).
 
     python sweeps/sft_search.py                  # 12 trials, BadNets on Fashion-MNIST, 2 CPUs
     python sweeps/sft_search.py --num-samples 64 --preset paper --address auto --gpus-per-trial 0.5
@@ -23,7 +23,7 @@ SWEEP = Sweep(
         "lr_max2": tune.loguniform(1e-3, 0.02),      # FTP: 0.001
         "clean_fraction": tune.uniform(0.1, 1.0),    # FTP ablation: 0.1 .. 1.0
     },
-    objectives={"asr": "min", "clean_acc": "max"},
+    objectives={"val_asr": "min", "val_clean_acc": "max"},  # selected on validation; tables report test
     num_samples=12,
     columns=("lr_base", "lr_max1", "lr_max2", "clean_fraction", "asr", "clean_acc", "device_hours"),
     presets={

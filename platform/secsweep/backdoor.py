@@ -14,6 +14,7 @@ that reaches ASR > 0.9 on Fashion-MNIST in about a minute.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,11 +27,19 @@ from . import data as data_mod
 from . import models as models_mod
 from .config import build, fail, in_half_open_unit, in_open_unit, one_of, positive, require
 from .context import Context
-from .names import ASR, CLEAN_ACC, EPOCH, LR
+from .names import (
+    ASR, ASR_BEFORE, CLEAN_ACC, CLEAN_ACC_BEFORE, EPOCH, IMPLANTED, LR, VAL_ASR, VAL_ASR_BEFORE, VAL_CLEAN_ACC,
+    VAL_CLEAN_ACC_BEFORE,
+)
+from .ops import augment as augment_ops
 from .ops.metrics import accuracy, attack_success_rate
 from .ops.schedules import SHAPES, sft_lr
 from .poison import PoisonedSet, Trigger, poison, triggered_test_set
+from . import trainset
+from .errors import ArtifactError
 from .training import predict, steps_per_epoch, train_epoch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,10 @@ class VictimConfig:
     attack_weight_decay: float = 5e-4   # L2 weight decay (not stated in FTP)
     attack_batch_size: int = 128        # samples per step (FTP §4.4: 256)
     include_target_class: bool = False  # count target-class test samples in ASR (METHODS §2: not stated)
-    seed: int = 0
+    augment: str = "none"               # training augmentation: none, crop, crop_flip, auto (secsweep.presets)
+    augment_padding: int = 4            # zero padding in pixels a side before the random crop (BackdoorBench: 4)
+    val_fraction: float = 0.1           # fraction of the training data held out (stratified) for validation
+    seed: int = 0                       # the victim's seed: data subset, validation split, poison draw, training
 
     def __post_init__(self) -> None:
         one_of("dataset", self.dataset, data_mod.DATASETS)
@@ -60,11 +72,28 @@ class VictimConfig:
         require(self.train_size >= 0, "train_size", self.train_size, "must be >= 0 (0 = all)")
         require(self.image_size >= 0, "image_size", self.image_size, "must be >= 0 (0 = native)")
         one_of("channels", self.channels, (0, 1, 3))
+        require(0.0 <= self.val_fraction <= 0.5, "val_fraction", self.val_fraction, "must be in [0, 0.5]")
+        one_of("augment", self.augment, (*augment_ops.AUGMENTATIONS, "auto"))
+        require(self.augment_padding >= 0, "augment_padding", self.augment_padding, "must be >= 0 pixels")
         require(self.attack_epochs >= 1, "attack_epochs", self.attack_epochs, "must be >= 1")
         positive("attack_lr", self.attack_lr)
         positive("attack_batch_size", self.attack_batch_size)
         require(0 <= self.attack_momentum < 1, "attack_momentum", self.attack_momentum, "must be in [0, 1)")
         require(self.attack_weight_decay >= 0, "attack_weight_decay", self.attack_weight_decay, "must be >= 0")
+
+    def train_transform(self) -> augment_ops.Transform | None:
+        """The per-batch augmentation of every training loop of this recipe (the attack's, and a
+        defense's fine-tuning or retraining), applied on the device after the trigger: poisoned
+        samples are stored triggered and augmented like the rest, as in BackdoorBench. "auto" is
+        crop_flip or crop by dataset (`secsweep.presets.flip_allowed`)."""
+        from .presets import resolve_augment
+
+        return augment_ops.augmentation(resolve_augment(self.augment, self.dataset), self.augment_padding)
+
+    @property
+    def data_seed(self) -> int:
+        """Seed of the victim's data: training subset and validation split (a defense overrides it)."""
+        return self.seed
 
 
 VICTIM_FIELDS = tuple(f.name for f in dataclasses.fields(VictimConfig))
@@ -79,10 +108,14 @@ class DefenseConfig(VictimConfig):
     batch_size: int = 128               # samples per step during the defense (FTP: not stated)
     momentum: float = 0.9               # SGD momentum during the defense (FTP: not stated)
     weight_decay: float = 5e-4          # L2 weight decay during the defense (FTP: not stated)
+    victim_seed: int = 0                # the backdoored model's seed (`seed` is the defense's own)
+    min_asr_before: float = 0.8         # val ASR the backdoor must reach for the defense to count
 
     def __post_init__(self) -> None:
         super().__post_init__()
         from . import registry
+
+        require(0.0 <= self.min_asr_before <= 1.0, "min_asr_before", self.min_asr_before, "must be in [0, 1]")
 
         one_of("attack", self.attack, registry.names("attack"))
         self.attack_config()  # validates attack_options against the attack's Config
@@ -92,6 +125,10 @@ class DefenseConfig(VictimConfig):
         require(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
 
+    @property
+    def data_seed(self) -> int:
+        return self.victim_seed  # the defender holds the victim's clean training data, split the same way
+
     def attack_config(self) -> Any:
         from . import registry
 
@@ -99,8 +136,10 @@ class DefenseConfig(VictimConfig):
         shared = sorted(set(self.attack_options) & set(VICTIM_FIELDS))
         if shared:
             fail(f"attack_options.{shared[0]}", self.attack_options[shared[0]],
-                 "is a shared setting of attack and defense; set it directly, not in attack_options")
+                 "is a shared setting of attack and defense; set it directly (the victim's seed: "
+                 "victim_seed), not in attack_options")
         values = {k: getattr(self, k) for k in VICTIM_FIELDS}
+        values["seed"] = self.victim_seed
         values.update(self.attack_options)
         return build(spec.config, values, what=f"attack {self.attack!r} (attack_options)")
 
@@ -136,15 +175,30 @@ class SFTSchedule:
 
 # -- data ---------------------------------------------------------------------------------------
 
+SPLITS = ("train", "val", "test")
+
+
+def _data_seed(cfg: Any) -> int:
+    return getattr(cfg, "data_seed", cfg.seed)  # configs without a victim (a clean model) use their seed
+
+
 def load_split(cfg: VictimConfig, ctx: Context, split: str) -> data_mod.ImageSet:
+    """One split of the victim's data: "train" (what the attack poisons and trains on, and the
+    defender's clean data), "val" (a stratified `val_fraction` held out of the training data, seeded
+    by the victim's seed: what sweeps select on) or "test" (the dataset's test split: reported only).
+    `train_size` limits train + val together."""
+    one_of("split", split, SPLITS)
     ds = data_mod.load(
-        cfg.dataset, split, ctx.data_root, download=ctx.download,
+        cfg.dataset, "test" if split == "test" else "train", ctx.data_root, download=ctx.download,
         image_size=cfg.image_size or None, channels=cfg.channels or None,
     )
-    if split == "train" and cfg.train_size and cfg.train_size < len(ds):
-        g = torch.Generator().manual_seed(cfg.seed)
+    if split == "test":
+        return ds
+    if cfg.train_size and cfg.train_size < len(ds):
+        g = torch.Generator().manual_seed(_data_seed(cfg))
         ds = ds.subset(torch.randperm(len(ds), generator=g)[: cfg.train_size].sort().values)
-    return ds
+    keep, held = data_mod.stratified_split(ds.labels, cfg.val_fraction, _data_seed(cfg))
+    return ds.subset(held if split == "val" else keep)
 
 
 def build_victim_model(cfg: VictimConfig, ds: data_mod.ImageSet) -> nn.Module:
@@ -159,24 +213,42 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @dataclass
 class BackdoorEval:
-    """Clean and triggered test inputs, prepared once per trial."""
+    """Clean and triggered test inputs (and, when given, validation inputs), prepared once per trial.
+
+    Calling it returns `asr`/`clean_acc` on the test split and `val_asr`/`val_clean_acc` on the
+    validation split: sweeps select on the latter, tables report the former.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     triggered: torch.Tensor
     triggered_labels: torch.Tensor
     target: int
+    val: "BackdoorEval | None" = None
 
     @classmethod
-    def build(cls, test: data_mod.ImageSet, trigger: Trigger, target: int, include_target_class: bool) -> "BackdoorEval":
+    def build(cls, test: data_mod.ImageSet, trigger: Trigger, target: int, include_target_class: bool,
+              val: data_mod.ImageSet | None = None) -> "BackdoorEval":
         tx, ty = triggered_test_set(test.images, test.labels, trigger, target, include_target_class=include_target_class)
-        return cls(test.images, test.labels, tx, ty, target)
+        inner = cls.build(val, trigger, target, include_target_class) if val is not None and len(val) else None
+        return cls(test.images, test.labels, tx, ty, target, inner)
+
+    @classmethod
+    def for_victim(cls, cfg: VictimConfig, ctx: Context, trigger: Trigger, target: int | None = None) -> "BackdoorEval":
+        """Test and validation evaluation of the victim of `cfg` under `trigger`."""
+        target = cfg.target_label if target is None else target
+        return cls.build(load_split(cfg, ctx, "test"), trigger, target, cfg.include_target_class,
+                         val=load_split(cfg, ctx, "val"))
 
     def __call__(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         clean = accuracy(predict(model, self.images, device), self.labels)
         asr = attack_success_rate(predict(model, self.triggered, device), self.triggered_labels, self.target,
                                   include_target_class=True)  # already filtered in build()
-        return {ASR: asr, CLEAN_ACC: clean}
+        out = {ASR: asr, CLEAN_ACC: clean}
+        if self.val is not None:
+            v = self.val(model, device)
+            out.update({VAL_ASR: v[ASR], VAL_CLEAN_ACC: v[CLEAN_ACC]})
+        return out
 
 
 # -- one training loop for attacks, retraining defenses and fine-tuning ---------------------------
@@ -197,6 +269,7 @@ def fit(
     extra: Mapping[str, float] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     extra_state: Mapping[str, Any] | None = None,
+    transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
 ) -> nn.Module:
     """SGD over (images, labels) for `epochs`, learning rate `lr_at(step)`; after every epoch report
     `evaluate(model)` plus `extra` with a checkpoint, and resume from the last one after a restart.
@@ -204,7 +277,9 @@ def fit(
     `images` may instead be a function of the 0-based epoch returning (images, labels), for training
     sets that change every epoch (WaNet's re-drawn poison and noise samples); `labels` is then None.
     `extra_state` joins every checkpoint (bookkeeping a restarted trial needs, read back with
-    `ctx.restored()`). Returns the bare (unwrapped) model; the caller saves it.
+    `ctx.restored()`). `transform(batch, generator)` augments every training batch on the device
+    (`VictimConfig.train_transform`; `secsweep.training.train_epoch`). Returns the bare (unwrapped)
+    model; the caller saves it.
     """
     model = ctx.prepare_model(model)
     opt = torch.optim.SGD(model.parameters(), lr=lr_at(0), momentum=momentum, weight_decay=weight_decay)
@@ -214,7 +289,9 @@ def fit(
         unwrap(model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, step = int(state["epoch"]), int(state["step"])
-    kw = {"loss_fn": loss_fn} if loss_fn is not None else {}
+    kw: dict[str, Any] = {"loss_fn": loss_fn} if loss_fn is not None else {}
+    if transform is not None:
+        kw["transform"] = transform
     for epoch in range(start, epochs):
         x, y = images(epoch) if callable(images) else (images, labels)
         step, loss = train_epoch(model, x, y, opt, ctx, batch_size=batch_size, seed=seed, epoch=epoch,
@@ -243,14 +320,17 @@ def train_backdoored(cfg: VictimConfig, ctx: Context, trigger: Trigger) -> nn.Mo
     """Poison the training set with `trigger`, train the victim, report asr/clean_acc each epoch,
     and save the weights as the output `model`."""
     torch.manual_seed(cfg.seed)
-    pset = poisoned_train_set(cfg, ctx, trigger)
-    test = load_split(cfg, ctx, "test")
-    evaluate = BackdoorEval.build(test, trigger, cfg.target_label, cfg.include_target_class)
-    model = build_victim_model(cfg, test)
+    train = load_split(cfg, ctx, "train")
+    pset = poison(train.images, train.labels, trigger, ratio=cfg.poison_ratio, target=cfg.target_label, seed=cfg.seed)
+    evaluate = BackdoorEval.for_victim(cfg, ctx, trigger)
+    model = build_victim_model(cfg, load_split(cfg, ctx, "test"))
     model = fit(model, pset.images, pset.labels, ctx, epochs=cfg.attack_epochs, batch_size=cfg.attack_batch_size,
                 seed=cfg.seed, lr_at=constant(cfg.attack_lr), momentum=cfg.attack_momentum,
-                weight_decay=cfg.attack_weight_decay, evaluate=evaluate)
+                weight_decay=cfg.attack_weight_decay, evaluate=evaluate, transform=cfg.train_transform())
     ctx.save_output("model", model.state_dict())
+    # the same static set in every epoch: the trigger rebuilds it from the record's mask (secsweep.trainset)
+    trainset.save_record(ctx, train, labels=pset.labels, true_labels=pset.true_labels, poisoned=pset.poisoned,
+                         epoch=cfg.attack_epochs - 1, mode=trainset.STATIC)
     return model
 
 
@@ -266,12 +346,30 @@ class Victim:
     evaluate: BackdoorEval
     attack_config: Any
     attack_metrics: Mapping[str, float]
+    min_asr_before: float = 0.0     # the defense's floor on the victim's val ASR (DefenseConfig.min_asr_before)
+    output: Any = None              # the attack's StageOutput (its `training_set` record)
+    attack: str = ""                # the attack trainable's name
+
+    def record(self) -> dict[str, torch.Tensor]:
+        """The attack's record of the training set it used (secsweep.trainset)."""
+        if self.output is None:
+            raise ArtifactError("this victim has no attack stage output to read the training-set record from")
+        return trainset.load_record(self.output)
 
     def poisoned_train_set(self, ctx: Context) -> PoisonedSet:
-        """The poisoned training set the backdoored model was trained on (for data-based defenses)."""
-        cfg = self.attack_config
-        return poison(self.train.images, self.train.labels, self.trigger, ratio=cfg.poison_ratio,
-                      target=cfg.target_label, seed=cfg.seed)
+        """The training set the backdoored model was trained on in its last epoch, exactly as the attack
+        recorded it (for data-based defenses and their ground-truth masks): WaNet's re-drawn poison
+        and noise-mode samples and Input-Aware's generated ones included."""
+        from . import registry
+
+        hook = registry.get(self.attack).hooks.get("training_set") if self.attack else None
+        regenerate = (lambda clean, epoch: hook(self.attack_config, clean, epoch)) if hook else None
+        return trainset.rebuild(self.record(), self.train, self.trigger, regenerate)
+
+    def members(self) -> data_mod.ImageSet:
+        """The clean training samples (true labels) the backdoored model was trained on, from the
+        record: membership inference's member pool."""
+        return trainset.members(self.record(), self.train)
 
 
 def load_victim(cfg: DefenseConfig, ctx: Context) -> Victim:
@@ -283,11 +381,11 @@ def load_victim(cfg: DefenseConfig, ctx: Context) -> Victim:
     out = ctx.stage(cfg.attack, attack_cfg)
     trigger = spec.hooks["trigger"](attack_cfg, out)
     train = load_split(cfg, ctx, "train")
-    test = load_split(cfg, ctx, "test")
     model = build_victim_model(cfg, train)
     model.load_state_dict(out.tensors("model"))
-    evaluate = BackdoorEval.build(test, trigger, cfg.target_label, cfg.include_target_class)
-    return Victim(model.to(ctx.device), trigger, train, evaluate, attack_cfg, out.metrics)
+    evaluate = BackdoorEval.for_victim(cfg, ctx, trigger)
+    return Victim(model.to(ctx.device), trigger, train, evaluate, attack_cfg, out.metrics, cfg.min_asr_before,
+                  output=out, attack=cfg.attack)
 
 
 def clean_subset(train: data_mod.ImageSet, fraction: float, seed: int) -> data_mod.ImageSet:
@@ -301,9 +399,18 @@ def clean_subset(train: data_mod.ImageSet, fraction: float, seed: int) -> data_m
 
 def report_before(victim: Victim, ctx: Context, **extra: float) -> dict[str, float]:
     """Report epoch 0 (the backdoored model, before the defense) unless resuming; return the
-    `asr_before`/`clean_acc_before` pair every later report of the defense carries."""
+    metrics every later report of the defense carries: `asr_before`/`clean_acc_before` (test), their
+    `val_` twins, and `backdoor_implanted` (1.0 when the val ASR before the defense reached
+    `min_asr_before`; 0.0 marks a defense of a backdoor that never took: not a success)."""
     before = victim.evaluate(victim.model, ctx.device)
-    base = {"asr_before": before[ASR], "clean_acc_before": before[CLEAN_ACC]}
+    base = {ASR_BEFORE: before[ASR], CLEAN_ACC_BEFORE: before[CLEAN_ACC]}
+    if VAL_ASR in before:
+        base.update({VAL_ASR_BEFORE: before[VAL_ASR], VAL_CLEAN_ACC_BEFORE: before[VAL_CLEAN_ACC]})
+    selected_asr = before.get(VAL_ASR, before[ASR])
+    base[IMPLANTED] = float(selected_asr >= victim.min_asr_before)
+    if not base[IMPLANTED]:
+        log.warning("backdoor not implanted: ASR before the defense %.3f < min_asr_before %.2f; "
+                    "raise attack_epochs or poison_ratio", selected_asr, victim.min_asr_before)
     if ctx.restored() is None:
         ctx.report({EPOCH: 0, **before, **base, **extra})
     return base
@@ -330,11 +437,12 @@ def finetune(
     spe = steps_per_epoch(len(data), cfg.batch_size, ctx.world_size)
     lr_at = lr_at_factory(spe)
     if ctx.restored() is None:
-        plot_lr_schedule(lr_at, cfg.epochs * spe, spe, ctx.artifact_path("lr_schedule.png"),
-                         title=f"learning rate schedule ({type(cfg).__module__.rsplit('.', 1)[-1]})")
+        with ctx.uncharged():  # a plot is platform output, not the method's cost (Context.device_hours)
+            plot_lr_schedule(lr_at, cfg.epochs * spe, spe, ctx.artifact_path("lr_schedule.png"),
+                             title=f"learning rate schedule ({type(cfg).__module__.rsplit('.', 1)[-1]})")
     base = report_before(victim, ctx, **{LR: lr_at(0)})
     model = fit(victim.model, data.images, data.labels, ctx, epochs=cfg.epochs, batch_size=cfg.batch_size,
                 seed=cfg.seed, lr_at=lr_at, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                evaluate=victim.evaluate, extra=base)
+                evaluate=victim.evaluate, extra=base, transform=cfg.train_transform())
     ctx.save_output("model", model.state_dict())
     return model

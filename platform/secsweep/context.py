@@ -9,7 +9,9 @@ runtime module adds contexts that report to Ray Tune or Ray Train.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import numbers
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -19,8 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .names import DEVICE_HOURS
-from .stages import StageOutput, StageStore, save_tensors
+from .names import DEVICE_HOURS, EPOCH, IMPLANTED
+from .ops.metrics import with_der
+from .stages import CHECKPOINT, StageOutput, StageStore, code_fingerprint, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,7 @@ class Context:
     """Base context. Subclasses override `_emit` (where reports go) and `restored`."""
 
     rank = 0        # this worker's rank in a multi-worker (DDP) trial
+    objectives: tuple[str, ...] = ()  # the sweep's objective metrics (NaN for trials that must not be selected)
     world_size = 1  # number of workers in the trial
 
     def __init__(
@@ -52,21 +56,51 @@ class Context:
         self.output_dir = Path(output_dir) if output_dir else self.workdir / "outputs"
         self._start = time.monotonic()
         self._stage_seconds = 0.0  # time spent computing upstream stages, not charged to this trial
+        self._uncharged_seconds = 0.0  # checkpoint writes, plots: platform I/O, not charged (see device_hours)
+        self._uncharged_depth = 0
         self._hours_offset = 0.0   # device-hours of earlier runs of this trial (resume)
 
     # -- time ---------------------------------------------------------------------------------
     def device_hours(self) -> float:
-        wall = time.monotonic() - self._start - self._stage_seconds
-        return self._hours_offset + wall / 3600.0 * self.devices_per_trial
+        """Device-hours charged to this trial so far: (wall-hours since this context was created,
+        less the uncharged time) x the devices the trial holds (GPUs, fractions included; 1 per CPU
+        process), plus the device-hours of its earlier runs when it resumed from a checkpoint.
+
+        Never charged, to every trial alike: computing or waiting for upstream stages (`stage`),
+        decoding dataset files (the runtime decodes them before it creates the context, so a trial
+        that finds them decoded by an earlier trial of its process costs the same as one that does
+        not), checkpoint writes (inside `report`), and whatever a trainable wraps in `uncharged()`
+        (plots). Always charged: everything else the trainable does, including converting and
+        resizing the decoded pixels, building models, training and evaluation. The work a resumed
+        trial redoes (loading, the epoch after its last checkpoint) is charged again: it was spent.
+        """
+        wall = time.monotonic() - self._start - self._stage_seconds - self._uncharged_seconds
+        return self._hours_offset + max(wall, 0.0) / 3600.0 * self.devices_per_trial
+
+    @contextlib.contextmanager
+    def uncharged(self):
+        """A block whose wall time is not charged to device_hours (platform I/O: plots, checkpoint
+        writes); nesting counts the time once."""
+        self._uncharged_depth += 1
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self._uncharged_depth -= 1
+            if self._uncharged_depth == 0:
+                self._uncharged_seconds += time.monotonic() - t0
 
     # -- reporting ----------------------------------------------------------------------------
     def report(self, metrics: Mapping[str, Any], *, state: Mapping[str, Any] | None = None) -> None:
         """Report one epoch's metrics; `state` (tensors and numbers) is what a restart resumes from."""
-        out = dict(metrics)
+        out = with_der(metrics)
+        if out.get(IMPLANTED) == 0.0:  # a defense of a backdoor that never took: no objective may select it
+            out.update({k: float("nan") for k in self.objectives if k in out})
         out.setdefault(DEVICE_HOURS, self.device_hours())
         if state is not None:
             state = {**state, "_device_hours": out[DEVICE_HOURS]}
-        self._emit(out, state)
+        with self.uncharged():  # writing the checkpoint (and, on Ray Train, waiting for the other ranks)
+            self._emit(out, state)
 
     def _emit(self, metrics: dict[str, Any], state: Mapping[str, Any] | None) -> None:
         raise NotImplementedError
@@ -77,8 +111,9 @@ class Context:
 
     def _resumed_from(self, state: dict[str, Any] | None) -> dict[str, Any] | None:
         if state is not None and not getattr(self, "_resume_applied", False):
+            # the clock keeps running from this run's start: what this run spent before asking for
+            # its state (loading data, building the model) was spent too
             self._hours_offset = float(state.get("_device_hours", 0.0))
-            self._start = time.monotonic()
             self._resume_applied = True
         return state
 
@@ -96,31 +131,49 @@ class Context:
         return save_tensors(self.output_dir, name, tensors)
 
     # -- upstream stages ----------------------------------------------------------------------
+    # seconds to wait for another process computing the same stage; None: $SECSWEEP_STAGE_LOCK_TIMEOUT_S
+    # or 6 h (secsweep.stages.lock_timeout_from_env)
+    stage_lock_timeout_s: float | None = None
+
     def stage(self, trainable: str, cfg: Any) -> StageOutput:
-        """Run (once, cached) the trainable `trainable` with `cfg` as an upstream stage of this trial."""
-        from . import registry  # late: registry imports trainables, which import this module
+        """Run (once, cached) the trainable `trainable` with `cfg` as an upstream stage of this trial.
+
+        The cache key covers `cfg` and the code (secsweep.stages.code_fingerprint of the package and
+        the trainable's module). The computation checkpoints every report that carries `state` into
+        the stage's work folder, so a computation whose worker died resumes at its last epoch.
+        """
+        from . import provenance, registry  # late: registry imports trainables, which import this module
 
         spec = registry.get(trainable)
-        module = __import__(spec.fn.__module__, fromlist=["_"])
-        code_version = str(getattr(module, "VERSION", 1))
+        code = code_fingerprint([spec.fn.__module__])
         t0 = time.monotonic()
 
-        def compute(outdir: Path):
+        def compute(outdir: Path, workdir: Path):
             sub = LocalContext(
-                workdir=outdir.parent / (outdir.name + "-work"),
+                workdir=workdir / "run",
                 output_dir=outdir,
                 device=self.device,
                 data_root=self.data_root,
                 download=self.download,
                 stage_root=self.stage_root,
+                checkpoint=workdir / CHECKPOINT,
             )
-            log.info("computing stage %s", trainable)
+            resumed = len(sub.history)
+            if resumed:
+                log.info("resuming stage %s from its checkpoint after %d reports", trainable, resumed)
+            else:
+                log.info("computing stage %s", trainable)
             spec.fn(cfg, sub)
             last = sub.history[-1] if sub.history else {}
-            return last, {"history": sub.history}
+            meta: dict[str, Any] = {"history": sub.history}
+            if resumed:
+                meta["resumed"] = {"reports": resumed, EPOCH: sub.history[resumed - 1].get(EPOCH)}
+            return last, meta
 
         try:
-            return StageStore(self.stage_root).get_or_compute(trainable, cfg, compute, code_version=code_version)
+            return StageStore(self.stage_root).get_or_compute(
+                trainable, cfg, compute, code=code, usage=provenance.sweep_label(),
+                provenance=provenance.current().as_dict(), lock_timeout_s=self.stage_lock_timeout_s)
         finally:
             self._stage_seconds += time.monotonic() - t0
 
@@ -130,30 +183,79 @@ class Context:
         return model.to(self.device)
 
     def shard(self, n: int) -> torch.Tensor:
-        """Indices of `n` samples this worker trains on (all of them on a single worker)."""
-        return torch.arange(self.rank, n, self.world_size)
+        """Positions (into an epoch's order of `n` samples) this worker trains on, all of them on a
+        single worker.
+
+        Every rank gets the same number, ceil(n / world_size), as torch's DistributedSampler does
+        by default: the order is padded by wrapping around to its start until its length is a
+        multiple of world_size, then rank r takes positions r, r + world_size, ... Equal shards give
+        every rank the same number of steps (DDP deadlocks on the first step one rank lacks).
+        Padding rather than dropping the tail keeps every sample in every epoch (at most
+        world_size - 1 of them are seen twice; which ones changes with the epoch's permutation), so
+        a multi-worker epoch covers what a one-worker epoch covers. With a global batch split as
+        `worker_batch` does, batch j of all ranks together is positions [j*B, (j+1)*B) of the
+        padded order: the one-worker trial's batch j.
+        """
+        if n <= 0:
+            return torch.arange(0)
+        total = -(-n // self.world_size) * self.world_size
+        return torch.arange(self.rank, total, self.world_size) % n
+
+    def worker_batch(self, batch_size: int, field: str = "batch_size") -> int:
+        """Samples per step on this worker for the global batch `batch_size` (samples per optimizer
+        step summed over all workers): batch_size // world_size; refuses a batch that does not split
+        evenly, so that every worker count trains the same recipe."""
+        if batch_size % self.world_size:
+            from .config import fail
+
+            fail(field, batch_size, f"must be divisible by the number of workers ({self.world_size}): "
+                                    "it is the global batch, split evenly across workers")
+        return batch_size // self.world_size
 
     def all_reduce_mean(self, value: float) -> float:
         return value
 
 
 class LocalContext(Context):
-    """Runs a trainable in-process and keeps its reports: plain loops, tests, stages, benchmarks."""
+    """Runs a trainable in-process and keeps its reports: plain loops, tests, stages, benchmarks.
 
-    def __init__(self, *, on_report: Callable[[dict[str, Any]], None] | None = None, state: dict | None = None, **kw):
+    With `checkpoint` (a file path), every report that carries `state` is also saved there
+    (torch.save, replaced atomically) together with the reports so far; a new LocalContext on the same
+    path starts from it (`restored()` returns that state, `history` holds the earlier reports), so a
+    computation killed midway continues at its last epoch. The file holds tensors and plain numbers
+    only and is read with torch.load(weights_only=True).
+    """
+
+    def __init__(self, *, on_report: Callable[[dict[str, Any]], None] | None = None, state: dict | None = None,
+                 checkpoint: str | os.PathLike | None = None, **kw):
         super().__init__(**kw)
         self.history: list[dict[str, Any]] = []
         self.last_state: dict[str, Any] | None = None
         self._on_report = on_report
         self._initial_state = state
+        self.checkpoint = Path(checkpoint) if checkpoint else None
+        if self.checkpoint is not None and state is None and self.checkpoint.is_file():
+            saved = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+            self._initial_state = saved["state"]
+            self.history = list(saved.get("history", []))
 
     def _emit(self, metrics, state):
         self.history.append(metrics)
         if state is not None:
             self.last_state = dict(state)
+            if self.checkpoint is not None:
+                self._save_checkpoint(self.last_state)
         if self._on_report:
             self._on_report(metrics)
         log.debug("report %s", metrics)
+
+    def _save_checkpoint(self, state: dict[str, Any]) -> None:
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint.with_name(f"{self.checkpoint.name}.tmp-{os.getpid()}")
+        history = [{k: (float(v) if isinstance(v, numbers.Real) else str(v)) for k, v in m.items()}
+                   for m in self.history]  # plain floats: weights_only loading refuses numpy scalars
+        torch.save({"state": state, "history": history}, tmp)
+        os.replace(tmp, self.checkpoint)  # a kill mid-write leaves the previous epoch's checkpoint intact
 
     def restored(self):
         return self._resumed_from(self._initial_state)

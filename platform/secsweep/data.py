@@ -144,6 +144,28 @@ class ImageSet:
         return int(c), int(h), int(w)
 
 
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted (keep, held_out) positions: a seeded `fraction` of every class is held out.
+
+    Per class, round(fraction * class size) samples are drawn (at least one when the class has two
+    or more samples and fraction > 0), so the held-out set has the class mix of the whole set.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction={fraction}: must be in [0, 1)")
+    g = torch.Generator().manual_seed(seed * 7919 + 17)  # independent of the other seeded draws
+    held: list[torch.Tensor] = []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        n = round(fraction * len(idx))
+        if fraction > 0 and n == 0 and len(idx) >= 2:
+            n = 1
+        held.append(idx[torch.randperm(len(idx), generator=g)[:n]])
+    out = torch.cat(held).sort().values if held else torch.empty(0, dtype=torch.long)
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[out] = False
+    return torch.nonzero(mask).flatten(), out
+
+
 # ----------------------------------------------------------------------------- validation
 
 

@@ -45,9 +45,13 @@ def plot_asr_vs_clean_acc(rows, path: Path, *, group: str = "trainable", style: 
             if st is not None:
                 sub = sub[sub[style].astype(str) == st]
             if len(sub):
+                colour = colours[si % len(colours)] if st is not None else colours[gi % len(colours)]
+                if {"asr_ci95", "clean_acc_ci95"} <= set(sub.columns):  # means over seeds: 95 % CI bars
+                    ax.errorbar(sub["clean_acc"], sub["asr"], xerr=sub["clean_acc_ci95"].fillna(0),
+                                yerr=sub["asr_ci95"].fillna(0), fmt="none", ecolor=colour, elinewidth=0.8,
+                                capsize=2, alpha=0.8)
                 ax.scatter(sub["clean_acc"], sub["asr"], marker=markers[gi % len(markers)], s=60, alpha=0.85,
-                           color=colours[si % len(colours)] if st is not None else colours[gi % len(colours)],
-                           edgecolors="k", linewidths=0.4)
+                           color=colour, edgecolors="k", linewidths=0.4)
     if {"asr_before", "clean_acc_before"} <= set(rows.columns):
         ref = rows.dropna(subset=["asr_before"]).drop_duplicates(subset=["asr_before", "clean_acc_before"])
         ax.scatter(ref["clean_acc_before"], ref["asr_before"], marker="x", c="k", s=70)

@@ -8,18 +8,28 @@ from typing import Any
 
 import pandas as pd
 
-from .names import ASR, CLEAN_ACC, DER, DEVICE_HOURS
+from .names import (
+    ASR, CLEAN_ACC, DER, DEVICE_HOURS, IMPLANTED, VAL_ASR, VAL_CLEAN_ACC, VAL_DER,
+)
 from .ops.metrics import der
 from .runtime import PARAMS_KEY, TRAINABLE_KEY, numeric_metrics
 
 FIRST = ("trial_id", TRAINABLE_KEY, "attack")
-LAST = (ASR, CLEAN_ACC, DEVICE_HOURS, "asr_before", "clean_acc_before", DER, "pareto", "status", "error")
+LAST = (VAL_ASR, VAL_CLEAN_ACC, ASR, CLEAN_ACC, DEVICE_HOURS, "asr_before", "clean_acc_before", DER, VAL_DER,
+        IMPLANTED, "pareto", "status", "error")
+SEED_COLUMNS = ("seed", "victim_seed")   # what repeats of one grid point differ in
+# metrics summarised over seeds (mean, 95 % CI, n), in this order, where present
+SUMMARY_METRICS = (VAL_ASR, VAL_CLEAN_ACC, ASR, CLEAN_ACC, DER, VAL_DER, "auc", "accuracy", DEVICE_HOURS)
+NOT_IMPLANTED_NOTE = ("backdoor not implanted (val ASR before the defense below min_asr_before): these rows "
+                      "are no evidence for the defense; raise attack_epochs or poison_ratio")
 
 
 def pareto_front(frame: pd.DataFrame, objectives: dict[str, str]) -> pd.Series:
     """True for trials no other finished trial beats on every objective (and strictly on one)."""
     cols = [c for c in objectives if c in frame.columns]
     ok = frame["status"].eq("TERMINATED") & frame[cols].notna().all(axis=1) if cols else frame["status"].eq("")
+    if IMPLANTED in frame.columns:  # a defense of a backdoor that never took is never on the front
+        ok &= frame[IMPLANTED].fillna(1.0).ne(0.0)
     # orient every objective so that larger is better
     vals = frame.loc[ok, cols].to_numpy(dtype=float) * [1.0 if objectives[c] == "max" else -1.0 for c in cols]
     front = pd.Series(False, index=frame.index)
@@ -52,7 +62,62 @@ def results_frame(results) -> pd.DataFrame:
         row["error"] = (str(r.error).strip().splitlines() or [""])[-1][:200] if r.error is not None else ""
         rows.append(row)
     frame = pd.DataFrame(rows)
+    frame.attrs["params"] = sorted({k for r in results for k in ((r.config or {}).get(PARAMS_KEY, {}))})
     return add_der(frame)
+
+
+def _ci95(values: pd.Series) -> float:
+    """Half-width of the 95 % confidence interval of the mean (Student t); NaN for fewer than 2 values."""
+    from scipy import stats
+
+    v = values.dropna().to_numpy(dtype=float)
+    if len(v) < 2:
+        return float("nan")
+    return float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / len(v) ** 0.5)
+
+
+def param_columns(frame: pd.DataFrame) -> list[str]:
+    """The config columns of a results frame (recorded when it was built; else the non-metric ones)."""
+    known = frame.attrs.get("params")
+    if known:
+        return [c for c in known if c in frame.columns]
+    metrics = set(SUMMARY_METRICS) | {"status", "error", "trial_id", "pareto", "epoch"}
+    return [c for c in frame.columns if c not in metrics and not pd.api.types.is_float_dtype(frame[c])]
+
+
+def seed_summary(frame: pd.DataFrame, keys: Sequence[str] | None = None) -> pd.DataFrame:
+    """Mean, 95 % CI half-width (`<metric>_ci95`) and number of seeds `n` of every summary metric,
+    per grid point (all config columns but the seeds) or per `keys`; finished trials only."""
+    ok = frame[frame["status"] == "TERMINATED"] if "status" in frame.columns else frame
+    if keys is None:
+        keys = [c for c in param_columns(ok) if c not in SEED_COLUMNS]
+        keys = [c for c in keys if ok[c].astype(str).nunique() > 1] or keys[:1]
+    keys = [k for k in keys if k in ok.columns]
+    metrics = [m for m in SUMMARY_METRICS if m in ok.columns]
+    if not len(ok) or not keys or not metrics:
+        return pd.DataFrame()
+    grouped = ok.assign(**{k: ok[k].astype(str) for k in keys}).groupby(keys, dropna=False, sort=True)
+    out = grouped[metrics].mean()
+    for m in metrics:
+        out[f"{m}_ci95"] = grouped[m].agg(_ci95)
+    out["n"] = grouped.size()
+    if IMPLANTED in ok.columns:
+        out[IMPLANTED] = grouped[IMPLANTED].min()
+    return out.reset_index()
+
+
+def summary_markdown(summary: pd.DataFrame) -> str:
+    """The summary as a markdown table, each metric as `mean ± CI` (the CI is left out for n = 1)."""
+    cols = [c for c in summary.columns if not c.endswith("_ci95")]
+    shown = summary[cols].copy()
+    for m in cols:
+        if f"{m}_ci95" in summary.columns:
+            shown[m] = [f"{v:.4g}" if pd.isna(ci) else f"{v:.4g} ± {round(ci, 6):.2g}"
+                        for v, ci in zip(summary[m], summary[f"{m}_ci95"])]
+    text = shown.to_markdown(index=False)
+    if IMPLANTED in summary.columns and summary[IMPLANTED].eq(0.0).any():
+        text += f"\n\n{IMPLANTED} = 0: {NOT_IMPLANTED_NOTE}\n"
+    return text + "\n\nmean ± half-width of the 95 % confidence interval over n seeds (Student t)\n"
 
 
 def add_der(frame: pd.DataFrame) -> pd.DataFrame:
@@ -100,16 +165,25 @@ def write_report(frame: pd.DataFrame, out_dir: Path, *, title: str, columns: Seq
     cols = display_columns(frame, columns)
     paths = [out_dir / "results.csv", out_dir / "results.md"]
     frame.to_csv(paths[0], index=False)
-    paths[1].write_text(frame[cols].to_markdown(index=False, floatfmt=".4g"))
+    table = frame[cols].to_markdown(index=False, floatfmt=".4g")
+    if IMPLANTED in frame.columns and frame[IMPLANTED].eq(0.0).any():
+        table += f"\n\n{IMPLANTED} = 0: {NOT_IMPLANTED_NOTE}\n"
+    paths[1].write_text(table)
+    summary = seed_summary(frame)
+    if len(summary):  # one row per grid point: mean, 95 % CI and n over its seeds
+        paths += [out_dir / "summary.csv", out_dir / "summary.md"]
+        summary.to_csv(paths[-2], index=False)
+        paths[-1].write_text(summary_markdown(summary))
     ok = frame[frame["status"] == "TERMINATED"] if "status" in frame.columns else frame
     ok = ok.dropna(subset=[c for c in (ASR, CLEAN_ACC) if c in ok.columns])
     if len(ok) and {ASR, CLEAN_ACC, TRAINABLE_KEY} <= set(ok.columns):
         keys = [TRAINABLE_KEY] + (["attack"] if "attack" in ok.columns else [])
-        means = [c for c in (ASR, CLEAN_ACC, DEVICE_HOURS, DER) if c in ok.columns]
-        summary = ok.groupby(keys, dropna=False)[means].mean().reset_index()
+        per_defense = seed_summary(ok, keys)
         paths += [out_dir / "per_defense.csv", out_dir / "per_defense.md"]
-        summary.to_csv(paths[-2], index=False)
-        paths[-1].write_text(summary.to_markdown(index=False, floatfmt=".4g"))
+        per_defense.to_csv(paths[-2], index=False)
+        paths[-1].write_text(summary_markdown(per_defense))
+        if len(summary) and summary["n"].max() > 1 and {ASR, CLEAN_ACC, TRAINABLE_KEY} <= set(summary.columns):
+            ok = summary  # repeats: plot each grid point's mean with its confidence interval
         paths.append(plot_asr_vs_clean_acc(ok, out_dir / "asr_vs_clean_acc.png", group=TRAINABLE_KEY,
                                            style="attack" if "attack" in ok.columns else None,
                                            label="defense", title=f"{title}: ASR vs clean accuracy"))
@@ -164,6 +238,7 @@ def frame_from_mlflow(client, experiment: str, parent_run_id: str | None = None)
     frame = pd.DataFrame(rows)
     if len(frame):
         frame = frame.sort_values("trial_id").reset_index(drop=True)
+    frame.attrs["params"] = sorted({k for c in children for k in c.data.params})
     return frame, histories, parent
 
 

@@ -13,7 +13,6 @@ its last epoch and its files reach the driver through Ray's own storage sync, on
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 import os
 import random
@@ -45,10 +44,15 @@ TUNE_KEYS = {
 
 
 def numeric_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The method's numeric metrics of a Tune result, as floats.
+
+    NaN and +-inf are kept: an undefined metric (e.g. ASR over no counted input) must reach Tune,
+    MLflow (which stores NaN as NaN, and +-inf as the largest float) and the reports as what it is;
+    dropping it would leave the previous epoch's value standing as the trial's last value.
+    """
     return {
         k: float(v) for k, v in result.items()
         if k not in TUNE_KEYS and k != "config" and isinstance(v, numbers.Real) and not isinstance(v, bool)
-        and math.isfinite(float(v))
     }
 
 
@@ -63,6 +67,7 @@ class RuntimeSettings:
     gpus_per_trial: float = 0.0
     num_workers: int = 1          # > 1: a Ray Train TorchTrainer with this many DDP workers per trial
     storage_path: str = ""
+    objectives: tuple[str, ...] = ()  # the sweep's objective metrics (Context.objectives)
 
 
 def seed_everything(seed: int) -> None:
@@ -165,33 +170,65 @@ def _build(config: dict) -> tuple[registry.TrainableSpec, Any]:
     return spec, spec.build_config(values)
 
 
+def predecode(cfg: Any, settings: RuntimeSettings) -> None:
+    """Decode the dataset files the trial reads (its `dataset` and `target_dataset`, both splits)
+    into the per-process cache before its Context, and so its device-hours clock, starts.
+
+    With actor reuse, only the first trial of a process would otherwise pay the decoding; this way
+    no trial does (see Context.device_hours). A missing dataset raises here, as it would in the
+    trainable.
+    """
+    from . import data as data_mod
+
+    names = {getattr(cfg, f, None) for f in ("dataset", "target_dataset")}
+    gtsrb_size = getattr(cfg, "image_size", 0) or data_mod.native_shape("gtsrb")[1]
+    for name in sorted(n for n in names if isinstance(n, str) and n in data_mod.DATASETS):
+        for split in ("train", "test"):  # the splits stored in files (a validation split is cut from train)
+            data_mod._raw(name, split, settings.data_root, settings.download, gtsrb_size)
+
+
 def _train_worker(loop_config: dict) -> None:
     """Body of every Ray Train worker of a multi-worker trial."""
     settings: RuntimeSettings = loop_config["settings"]
     spec, cfg = _build(loop_config["config"])
     seed_everything(getattr(cfg, "seed", 0))
+    predecode(cfg, settings)
     ctx = TrainContext(
         workdir=Path(loop_config["workdir"]) / f"rank{os.environ.get('RANK', '0')}",
         data_root=settings.data_root, download=settings.download, stage_root=settings.stage_root,
         devices_per_trial=(settings.gpus_per_trial or 1.0) * settings.num_workers,
     )
+    ctx.objectives = settings.objectives
     spec.fn(cfg, ctx)
 
 
-def trial_entry(config: dict, settings: RuntimeSettings) -> None:
-    """The Tune function trainable: resolve the config, seed, and run the trainable."""
+def trial_entry(config: dict, settings: RuntimeSettings, completed: Mapping[str, Mapping] | None = None) -> None:
+    """The Tune function trainable: resolve the config, seed, and run the trainable.
+
+    `completed` (on --resume: the sweep's completion ledger, trial_id -> record) lists trials an
+    earlier driver saw finish; Tune restarts such a trial only because its experiment snapshot
+    lagged, so it reports its recorded final result (or fails again) at once, without training.
+    """
     from ray import tune
 
+    done = (completed or {}).get(tune.get_context().get_trial_id())
+    if done is not None:
+        if done.get("status") == "FAILED":
+            raise RuntimeError("trial failed in an earlier run of this sweep:\n" + str(done.get("error", "")))
+        tune.report(dict(done.get("result", {})))
+        return
     spec, cfg = _build(config)
     seed_everything(getattr(cfg, "seed", 0))
     torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
     trial_dir = Path(tune.get_context().get_trial_dir())
     if settings.num_workers <= 1:
+        predecode(cfg, settings)
         ctx = TuneContext(
             workdir=trial_dir, device=pick_device(settings.gpus_per_trial), data_root=settings.data_root,
             download=settings.download, stage_root=settings.stage_root,
             devices_per_trial=settings.gpus_per_trial or 1.0,  # a GPU fraction counts as that fraction
         )
+        ctx.objectives = settings.objectives
         spec.fn(cfg, ctx)
         return
     _run_train(config, settings, trial_dir, tune.get_context().get_trial_id())

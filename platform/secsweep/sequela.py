@@ -54,7 +54,7 @@ class SequelaConfig(DefenseConfig):
             "dataset": self.dataset, "model": self.model, "train_size": self.train_size,
             "image_size": self.image_size, "channels": self.channels, "epochs": self.attack_epochs,
             "lr": self.attack_lr, "momentum": self.attack_momentum, "weight_decay": self.attack_weight_decay,
-            "batch_size": self.attack_batch_size, "seed": self.seed,
+            "batch_size": self.attack_batch_size, "val_fraction": self.val_fraction, "seed": self.victim_seed,
         })
 
 

@@ -55,10 +55,14 @@ class Sweep:
     fixed: dict[str, Any] = field(default_factory=dict)    # values every trial shares
     grid: list[dict[str, Any]] | None = None        # explicit trials: grid search
     space: dict[str, Any] | None = None             # Tune distributions: Optuna search
-    objectives: dict[str, str] = field(default_factory=lambda: {"asr": "min", "clean_acc": "max"})
+    # what a search optimises, always on the validation split (test metrics are reported, never selected on)
+    objectives: dict[str, str] = field(default_factory=lambda: {"val_asr": "min", "val_clean_acc": "max"})
+    # the single metric ASHA stops on and a one-objective search optimises: DER on validation, which a
+    # model that collapsed to chance cannot win (its ASR is ~0 but so is its clean accuracy)
+    selection: tuple[str, str] = ("val_der", "max")
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"fixed":..., "grid":..., "space":...}
     smoke: dict[str, Any] = field(default_factory=dict)    # {"fixed":..., "grid":..., "num_samples":...} for --smoke-test
-    num_samples: int = 1                            # trials Optuna draws (grid: repeats of the grid)
+    num_samples: int = 1                            # trials Optuna draws (a search only; grid repeats: --seeds)
     columns: tuple[str, ...] = ("trainable", "attack", "asr", "clean_acc", "device_hours")
     description: str = ""
     source: str = ""                                # the sweep script (found automatically)
@@ -88,10 +92,14 @@ def build_parser(sweep: Sweep) -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (and torch threads)")
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train DDP workers per trial (>1: TorchTrainer)")
     p.add_argument("--max-concurrent", type=int, default=0, help="trials running at once (0: as resources allow)")
-    p.add_argument("--num-samples", type=int, default=None, help="trials Optuna draws (grid: repetitions)")
+    p.add_argument("--num-samples", type=int, default=None, help="trials Optuna draws (searches only; repeats: --seeds)")
+    p.add_argument("--seeds", type=int, default=1, help="run every grid point with N seeds (the trial's own `seed`)")
+    p.add_argument("--reseed-upstream", action="store_true",
+                   help="with --seeds: re-seed upstream stages too (victim_seed follows seed) instead of sharing them")
     p.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial (from its last checkpoint)")
     p.add_argument("--asha", action="store_true", help="ASHA early stopping on the first objective")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--tracking-drain-timeout", type=float, default=600.0, metavar="S", help="at the end, wait up to S seconds for buffered MLflow writes (an outage); the rest are replayed by --resume")
     return p
 
 
@@ -140,6 +148,24 @@ def _domain_corners(dist: Any) -> list[Any]:
     return [dist]
 
 
+# metrics a model that collapsed to chance wins (ASR ~0 because nothing is predicted right)
+COLLAPSE_PRONE = {"asr": "min", "val_asr": "min"}
+
+
+def _check_objectives(sweep: Sweep) -> None:
+    """Selection happens on validation metrics, and never on ASR alone."""
+    for name, mode in [*sweep.objectives.items(), sweep.selection]:
+        if mode not in ("min", "max"):
+            fail(f"objectives.{name}", mode, "must be min or max")
+    if len(sweep.objectives) == 1:
+        ((name, mode),) = sweep.objectives.items()
+        if COLLAPSE_PRONE.get(name) == mode:
+            fail("objectives", name, "alone is won by a model that collapsed to chance; use val_der, or "
+                 "add val_clean_acc as a second objective")
+    if COLLAPSE_PRONE.get(sweep.selection[0]) == sweep.selection[1]:
+        fail("selection", sweep.selection[0], "is won by a model that collapsed to chance; use val_der")
+
+
 def plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
     """Merge preset, smoke-test and --set values into the sweep and validate every trial config."""
     if args.preset != "default" and args.preset not in sweep.presets:
@@ -160,7 +186,13 @@ def plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
     if args.num_samples is not None:
         if args.num_samples < 1:
             fail("--num-samples", args.num_samples, "must be >= 1")
+        if trials is not None:
+            fail("--num-samples", args.num_samples, "is for Optuna searches; repeat a grid with --seeds N")
         num_samples = args.num_samples
+    if args.seeds < 1:
+        fail("--seeds", args.seeds, "must be >= 1")
+    if args.reseed_upstream and args.seeds == 1:
+        fail("--reseed-upstream", True, "needs --seeds N with N > 1")
     if args.gpus_per_trial < 0:
         fail("--gpus-per-trial", args.gpus_per_trial, "must be >= 0")
     if args.cpus_per_trial <= 0:
@@ -169,6 +201,7 @@ def plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
         fail("--num-workers", args.num_workers, "must be >= 1")
     if (trials is None) == (space is None):
         raise SecsweepError(f"sweep {sweep.name}: declare exactly one of grid= or space=")
+    _check_objectives(sweep)
 
     default_trainable = fixed.pop(TRAINABLE_KEY, sweep.trainable)
     trainables = sorted({t.get(TRAINABLE_KEY, default_trainable) for t in (trials or [{}])})
@@ -190,6 +223,7 @@ def plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
             item = {TRAINABLE_KEY: name, **merged}
             if item not in resolved:
                 resolved.append(item)
+        resolved = with_seeds(resolved, args.seeds, reseed_upstream=args.reseed_upstream)
         configs = []
         for item in resolved:
             values = dict(item)
@@ -198,6 +232,8 @@ def plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
         trials, space_json = resolved, json.dumps(sweep.grid if not args.smoke_test else trials, default=str)
         space = None
     else:
+        if args.seeds > 1:
+            fail("--seeds", args.seeds, "repeats grid points; an Optuna search draws --num-samples points instead")
         (name,) = trainables
         space = {k: v for k, v in space.items() if k not in overrides}
         fixed = {**fixed, **overrides}
@@ -210,6 +246,30 @@ def plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
     for ds in sorted(d for d in datasets if d) or [_default_dataset(trainables)]:
         data_mod.check_available(ds, args.data_root, download=args.download)
     return Plan(sweep, fixed, trials, space, num_samples, space_json)
+
+
+SEED_KEY = "seed"                  # every trainable's own seed
+UPSTREAM_SEED_KEYS = ("victim_seed",)  # seeds of upstream stages a trainable's config names
+
+
+def with_seeds(trials: list[dict[str, Any]], n: int, *, reseed_upstream: bool = False) -> list[dict[str, Any]]:
+    """Every trial repeated with `n` seeds: `seed` = its seed (default 0) + 0 .. n-1.
+
+    Upstream stages (the backdoored model) are shared by the repeats unless `reseed_upstream`, which
+    sets each upstream seed the trial's config has to the same value, so every repeat trains its own.
+    """
+    if n == 1:
+        return trials
+    out = []
+    for t in trials:
+        fields = _config_fields(t[TRAINABLE_KEY])
+        base = int(t.get(SEED_KEY, 0))
+        for i in range(n):
+            item = {**t, SEED_KEY: base + i}
+            if reseed_upstream:
+                item.update({k: base + i for k in UPSTREAM_SEED_KEYS if k in fields})
+            out.append(item)
+    return out
 
 
 def _interleave_by_stage(trials: list[dict], configs: list[Any]) -> list[dict]:
@@ -257,6 +317,72 @@ def _find_resume_dir(storage: Path, sweep: Sweep, resume: str) -> Path:
     return found[-1].parent
 
 
+# Flags about this invocation only, which a --resume may change: where Ray and MLflow are reached now
+# (the MLflow store must still hold the sweep's parent run), where to also write the table, whether to
+# download missing data, how long to wait for MLflow at the end. Every other flag defines the sweep;
+# on --resume the saved command line supplies them, and a different value is refused (Tuner.restore
+# keeps the saved Tune settings, so e.g. a new --max-concurrent would be silently ignored).
+INVOCATION_FLAGS = {"address", "tracking_uri", "results_csv", "download", "tracking_drain_timeout"}
+PATH_FLAGS = {"storage_path", "data_root", "results_csv"}
+
+
+def _abs_path(value: Any, cwd: str | None) -> Any:
+    if not isinstance(value, str):
+        return value
+    path = Path(value).expanduser()
+    return str((Path(cwd) / path if cwd and not path.is_absolute() else path).resolve())
+
+
+def _given_flags(sweep: Sweep, argv: Sequence[str]) -> dict[str, Any]:
+    """dest -> value of the flags `argv` gives explicitly (defaults left out)."""
+    p = build_parser(sweep)
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return vars(p.parse_args(argv))
+
+
+def resume_args(sweep: Sweep, argv: Sequence[str], args: argparse.Namespace) -> argparse.Namespace:
+    """The saved command line of the sweep `args.resume` names, with this invocation's own flags.
+
+    A flag in `argv` that defines the sweep must equal the saved value; otherwise one-line error.
+    """
+    parser = build_parser(sweep)
+    exp_dir = _find_resume_dir(Path(args.storage_path).expanduser().resolve(), sweep, args.resume)
+    state = json.loads((exp_dir / STATE_FILE).read_text())
+    saved_argv = [str(a) for a in state.get("argv", [])]
+    saved = parser.parse_args(saved_argv)
+    saved_cwd = state.get("cwd")
+    flag = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    given = _given_flags(sweep, argv)
+    for dest, value in given.items():
+        if dest == "resume":
+            continue
+        if dest in INVOCATION_FLAGS:
+            setattr(saved, dest, value)
+            continue
+        old = getattr(saved, dest, None)
+        if dest == "storage_path":  # the sweep lives where --resume found it
+            same = _abs_path(value, None) == str(exp_dir.parent)
+            old = str(exp_dir.parent)
+        elif dest in PATH_FLAGS:
+            same = _abs_path(value, None) == _abs_path(old, saved_cwd)
+        elif dest == "set":
+            same = parse_assignments(value) == parse_assignments(old)
+        else:
+            same = value == old
+        if not same:
+            fail(flag[dest], value, f"conflicts with the resumed sweep's {old!r} (its command line: "
+                 f"{' '.join(saved_argv) or 'no flags'}); drop the flag or start a new sweep")
+    for dest in PATH_FLAGS - set(given):  # saved relative paths meant the saved working directory
+        setattr(saved, dest, _abs_path(getattr(saved, dest, None), saved_cwd))
+    saved.storage_path = str(exp_dir.parent)
+    saved.resume = str(exp_dir)
+    saved.argv = saved_argv
+    saved.resume_state = state
+    saved.given = set(given)
+    return saved
+
+
 def _build_tune_config(plan_: Plan, args):
     from ray import tune
 
@@ -279,7 +405,8 @@ def _build_tune_config(plan_: Plan, args):
     if args.asha:
         from ray.tune.schedulers import ASHAScheduler
 
-        kw["scheduler"] = ASHAScheduler(metric=metrics[0], mode=modes[0], time_attr="training_iteration", grace_period=2)
+        metric, mode = plan_.sweep.selection
+        kw["scheduler"] = ASHAScheduler(metric=metric, mode=mode, time_attr="training_iteration", grace_period=2)
     return tune.TuneConfig(**kw)
 
 
@@ -298,6 +425,8 @@ def run(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.resume:  # replay the saved command line; a conflicting flag stops here
+            args = resume_args(sweep, argv, args)
         plan_ = plan(sweep, args)
     except SecsweepError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -357,6 +486,7 @@ def _launch(plan_: Plan, args) -> int:
         stage_root=str(storage / "stages"), data_root=str(Path(args.data_root).resolve()) if args.data_root else None,
         download=args.download, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         num_workers=args.num_workers, storage_path=str(storage / "train"),
+        objectives=tuple(dict.fromkeys([*sweep.objectives, sweep.selection[0]])),
     )
     if args.num_workers > 1:  # the Train workers hold the resources; the Tune trial only coordinates
         resources = {"cpu": 0.01}
@@ -411,13 +541,19 @@ def _launch(plan_: Plan, args) -> int:
 
 
 def print_table(frame, sweep: Sweep) -> None:
-    from .report import display_columns
+    from .names import IMPLANTED
+    from .report import NOT_IMPLANTED_NOTE, display_columns, seed_summary, summary_markdown
 
     import pandas as pd
 
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 60):
         print()
         print(frame[display_columns(frame, sweep.columns)].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    summary = seed_summary(frame)
+    if len(summary) and summary["n"].max() > 1:
+        print("\nper grid point over seeds:\n" + summary_markdown(summary))
+    elif IMPLANTED in frame.columns and frame[IMPLANTED].eq(0.0).any():
+        print(f"\n{IMPLANTED} = 0: {NOT_IMPLANTED_NOTE}")
 
 
 def main(sweep: Sweep) -> None:

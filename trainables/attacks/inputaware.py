@@ -51,7 +51,6 @@ identically (same seed, all data) on every worker and frozen afterwards.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,6 +63,7 @@ from secsweep.backdoor import BackdoorEval, VictimConfig, build_victim_model, lo
 from secsweep.config import in_open_unit, one_of, positive, require
 from secsweep.names import EPOCH, LR
 from secsweep.ops import inputaware as ia
+from secsweep.ops.schedules import cosine
 from secsweep.registry import register
 from secsweep.training import epoch_order, set_lr, steps_per_epoch
 
@@ -161,7 +161,7 @@ def lr_scale(schedule: str, total_steps: int) -> Callable[[int], float]:
     """Multiplier of both learning rates at optimizer step `step`: 1, or cosine from 1 to 0."""
     if schedule == "constant":
         return lambda step: 1.0
-    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    return cosine(1.0, total_steps)  # torch's CosineAnnealingLR, held at 0 after the end
 
 
 def _partner_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -207,10 +207,11 @@ def train_epoch(cfg: Config, ctx, model: nn.Module, gen: nn.Module, mask_gen: nn
     order = order[ctx.shard(n)]
     partner = _partner_order(n, cfg.seed, epoch)[ctx.shard(n)]
     total, count = 0.0, 0
-    for i in range(0, len(order), cfg.attack_batch_size):
-        b = order[i: i + cfg.attack_batch_size]
+    bs = ctx.worker_batch(cfg.attack_batch_size, "attack_batch_size")  # global batch split over workers
+    for i in range(0, len(order), bs):
+        b = order[i: i + bs]
         x, y = images[b].to(ctx.device), labels[b].to(ctx.device)
-        x2 = images[partner[i: i + cfg.attack_batch_size]].to(ctx.device)
+        x2 = images[partner[i: i + bs]].to(ctx.device)
         n_bd, n_cross = int(len(b) * cfg.poison_ratio), int(len(b) * cfg.p_cross)
         n_gen = max(n_bd, n_cross)  # partner images whose patterns are needed (cross and diversity)
         # one generator call per step (own inputs, then partners), as DDP expects
@@ -249,7 +250,7 @@ def train_epoch(cfg: Config, ctx, model: nn.Module, gen: nn.Module, mask_gen: nn
 def run(cfg: Config, ctx) -> None:
     torch.manual_seed(cfg.seed)
     train = load_split(cfg, ctx, "train")
-    test = load_split(cfg, ctx, "test")
+    test, val = load_split(cfg, ctx, "test"), load_split(cfg, ctx, "val")
     model = ctx.prepare_model(build_victim_model(cfg, train))
     gen, mask_gen = build_generators(cfg)
     gen = ctx.prepare_model(gen)
@@ -275,7 +276,7 @@ def run(cfg: Config, ctx) -> None:
         step, loss = train_epoch(cfg, ctx, model, gen, mask_gen, train.images, train.labels, opt_c, opt_g,
                                  epoch, step, scale)
         evaluate = BackdoorEval.build(test, make_trigger(unwrap(gen), mask_gen), cfg.target_label,
-                                      cfg.include_target_class)
+                                      cfg.include_target_class, val=val)
         metrics = {EPOCH: epoch + 1, LR: cfg.attack_lr * scale(max(step - 1, 0)), "train_loss": loss,
                    **evaluate(model, ctx.device)}
         ctx.report(metrics, state={

@@ -46,6 +46,8 @@ from secsweep.ops import frequency as lf_ops
 from secsweep.registry import register
 from trainables.models import clean as clean_model
 
+VERSION = 2  # 2: the stage saves the `training_set` record (secsweep.trainset)
+
 
 @dataclass(frozen=True)
 class Config(VictimConfig):
@@ -70,7 +72,8 @@ def clean_config(cfg: Config) -> clean_model.Config:
     return clean_model.Config(
         dataset=cfg.dataset, model=cfg.model, train_size=cfg.train_size, image_size=cfg.image_size,
         channels=cfg.channels, epochs=cfg.attack_epochs, lr=cfg.attack_lr, momentum=cfg.attack_momentum,
-        weight_decay=cfg.attack_weight_decay, batch_size=cfg.attack_batch_size, seed=cfg.seed,
+        weight_decay=cfg.attack_weight_decay, batch_size=cfg.attack_batch_size,
+        val_fraction=cfg.val_fraction, seed=cfg.seed,
     )
 
 

@@ -20,8 +20,9 @@ Defaults and their sources:
 * resample = True: WaNet draws the poisoned and cross samples afresh in every batch (the first
   p x batch samples of each shuffled batch) and the jitter with them. Here they are re-drawn once
   per epoch over the in-memory set: epoch 1 poisons exactly the samples `secsweep.poison.poison`
-  picks for this seed (the set `Victim.poisoned_train_set` hands to data-based defenses), later
-  epochs draw new ones from (seed, epoch). False keeps epoch 1's set throughout (a static poisoned
+  picks for this seed, later epochs draw new ones from (seed, epoch). The stage records the last
+  epoch's draw (output `training_set`, secsweep.trainset: masks and labels, images regenerated
+  from (cfg, epoch)), and that is the set data-based defenses filter and are scored on. False keeps epoch 1's set throughout (a static poisoned
   dataset, as BadNets/Blended). Re-drawing matters at small scale: on 8x8 digits (30 epochs, lr
   0.03) a static set is memorised (train loss 0.01) and test ASR ends at 0.72; re-drawn, 0.92.
 * lr_schedule = "cosine": attack_lr annealed to 0 over attack_epochs, the scheduler of
@@ -32,8 +33,10 @@ Defaults and their sources:
   decision between "warped" and "natural" is so fine that ASR swings by tens of points from epoch
   to epoch (digits, 30 epochs at lr 0.03: 1.00, 0.60, 0.49 over the last three), and the model a
   defense receives would be a lottery. "constant" is available (and is the other attacks' recipe).
-BackdoorBench's training augmentation (random crop/rotation) is not applied, as for every attack
-here.
+Training augmentation: `augment` (VictimConfig; the paper preset: random crop after 4-pixel padding,
+flips where the dataset allows) acts on each batch after the warp. BackdoorBench's WaNet applies
+its own post-trigger transform instead (random crop 5 px, rotation 10 degrees, flip on CIFAR-10);
+rotation is not implemented here (docs/paper_preset.md).
 
 Note on tiny images: the mean displacement is about s/2 pixels whatever the image size, so on 8x8
 `digits` the warp is a sub-pixel change of a few grey levels, learnable but slower than a patch
@@ -42,20 +45,21 @@ Note on tiny images: the mean displacement is about s/2 pixels whatever the imag
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from secsweep import data
+from secsweep import data, trainset
 from secsweep.backdoor import BackdoorEval, VictimConfig, build_victim_model, fit, load_split
 from secsweep.config import one_of, positive, require
 from secsweep.ops import warp as warp_ops
+from secsweep.ops.schedules import cosine
 from secsweep.poison import poison
 from secsweep.registry import register
 from secsweep.training import steps_per_epoch
 
+VERSION = 2  # 2: the stage saves the `training_set` record (secsweep.trainset)
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -101,6 +105,15 @@ def epoch_set(
     """(images, labels, cross mask) trained on in 0-based `epoch`: a `poison_ratio` warped and
     relabelled (epoch 0: exactly `poison()`'s samples for cfg.seed), `cross_ratio` x as many of the
     others warped with jitter (noise mode), labels kept."""
+    out, new_labels, _, mask = epoch_record(cfg, images, labels, epoch)
+    return out, new_labels, mask
+
+
+def epoch_record(
+    cfg: Config, images: torch.Tensor, labels: torch.Tensor, epoch: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, labels, poisoned mask, cross mask) of `epoch_set`: deterministic in (cfg, epoch) on
+    the CPU, so the stage's `training_set` record regenerates any epoch bit for bit."""
     draw = epoch if cfg.resample else 0
     grid = warp_field(cfg)
     # seeds apart from secsweep.training.epoch_order's (seed * 100_003 + epoch): a poison draw equal
@@ -118,24 +131,35 @@ def epoch_set(
         out[cross] = warp_ops.warp(images[cross], noisy)
     mask = torch.zeros(len(labels), dtype=torch.bool)
     mask[cross] = True
-    return out, pset.labels, mask
+    return out, pset.labels, pset.poisoned, mask
+
+
+def training_set(cfg: Config, clean, epoch: int):
+    """The `training_set` hook: (images, labels, poisoned, cross) of 0-based `epoch` over the clean
+    training split `clean` (secsweep.trainset mode REGENERATE)."""
+    return epoch_record(cfg, clean.images, clean.labels, epoch)
 
 
 def lr_schedule(cfg: Config, total_steps: int) -> Callable[[int], float]:
     """attack_lr at optimizer step `step`: constant, or cosine-annealed to 0 at `total_steps`."""
     if cfg.lr_schedule == "constant":
         return lambda step: cfg.attack_lr
-    return lambda step: cfg.attack_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    return cosine(cfg.attack_lr, total_steps)  # torch's CosineAnnealingLR, held at 0 after the end
 
 
-@register("wanet", kind="attack", config=Config, trigger=trigger)
+@register("wanet", kind="attack", config=Config, trigger=trigger, training_set=training_set)
 def run(cfg: Config, ctx) -> None:
     torch.manual_seed(cfg.seed)
     train = load_split(cfg, ctx, "train")
-    test = load_split(cfg, ctx, "test")
-    evaluate = BackdoorEval.build(test, trigger(cfg), cfg.target_label, cfg.include_target_class)
+    evaluate = BackdoorEval.for_victim(cfg, ctx, trigger(cfg))
     lr_at = lr_schedule(cfg, cfg.attack_epochs * steps_per_epoch(len(train), cfg.attack_batch_size, ctx.world_size))
     model = fit(build_victim_model(cfg, train), lambda epoch: epoch_set(cfg, train.images, train.labels, epoch)[:2],
                 None, ctx, epochs=cfg.attack_epochs, batch_size=cfg.attack_batch_size, seed=cfg.seed, lr_at=lr_at,
-                momentum=cfg.attack_momentum, weight_decay=cfg.attack_weight_decay, evaluate=evaluate)
+                momentum=cfg.attack_momentum, weight_decay=cfg.attack_weight_decay, evaluate=evaluate,
+                transform=cfg.train_transform())
     ctx.save_output("model", model.state_dict())
+    # the last epoch's draw: masks and labels recorded, images regenerated from (cfg, epoch) on demand
+    last = cfg.attack_epochs - 1
+    _, labels, poisoned, cross = epoch_record(cfg, train.images, train.labels, last)
+    trainset.save_record(ctx, train, labels=labels, true_labels=train.labels, poisoned=poisoned, cross=cross,
+                         epoch=last, mode=trainset.REGENERATE)

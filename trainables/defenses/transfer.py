@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from secsweep import data as data_mod
@@ -25,9 +26,9 @@ from secsweep.backdoor import (
     BackdoorEval, DefenseConfig, SFTSchedule, build_victim_model, constant, fit, load_split,
 )
 from secsweep.config import one_of, require
-from secsweep.names import ASR, CLEAN_ACC, EPOCH
+from secsweep.names import ASR, CLEAN_ACC, EPOCH, IMPLANTED, VAL_ASR, VAL_CLEAN_ACC
 from secsweep.registry import register
-from secsweep.training import predict, steps_per_epoch, train_epoch
+from secsweep.training import epoch_order, features, predict, steps_per_epoch
 
 METHODS = ("sft", "ft")
 
@@ -53,13 +54,45 @@ class Config(DefenseConfig, SFTSchedule):
 
 
 def target_split(cfg: Config, ctx, split: str, shape: tuple[int, int, int]) -> data_mod.ImageSet:
-    """The target dataset in the source model's input format (channels, size)."""
+    """The target dataset in the source model's input format (channels, size): "train", "val" (a
+    stratified `val_fraction` of the target training data, which fixes the transfer target class and
+    is what sweeps select on) or "test" (reported only)."""
     c, h, _ = shape
-    ds = data_mod.load(cfg.target_dataset, split, ctx.data_root, download=ctx.download, image_size=h, channels=c)
-    if split == "train" and cfg.target_train_size and cfg.target_train_size < len(ds):
+    ds = data_mod.load(cfg.target_dataset, "test" if split == "test" else "train", ctx.data_root,
+                       download=ctx.download, image_size=h, channels=c)
+    if split == "test":
+        return ds
+    if cfg.target_train_size and cfg.target_train_size < len(ds):
         g = torch.Generator().manual_seed(cfg.seed)
         ds = ds.subset(torch.randperm(len(ds), generator=g)[: cfg.target_train_size].sort().values)
-    return ds
+    keep, held = data_mod.stratified_split(ds.labels, cfg.val_fraction, cfg.seed)
+    return ds.subset(held if split == "val" else keep)
+
+
+def train_head(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Config,
+               device: torch.device) -> None:
+    """Train `model.head` for `cfg.head_epochs` on a frozen backbone (SGD, `head_lr`, `batch_size`).
+
+    Frozen means its weights AND its BatchNorm running statistics: the backbone stays in eval mode,
+    as a user who freezes a feature extractor expects (in train mode BN would re-estimate its
+    statistics on the target data, which already adapts the backbone). An eval-mode backbone is a
+    fixed function, so its features are computed once and the head trains on them: the same steps
+    as the whole model in a loop, at one backbone pass instead of one per epoch. Every worker of a
+    multi-worker trial trains the same head on all samples (no sharding, no DDP: the head training
+    is cheap and identical on every rank, so ranks agree on it and on the target class).
+    """
+    feats = features(model, images, device)  # eval mode, batched; the model's mode is restored
+    head = model.head
+    opt = torch.optim.SGD(head.parameters(), lr=cfg.head_lr, momentum=cfg.momentum)
+    head.train()
+    for epoch in range(cfg.head_epochs):
+        order = epoch_order(len(labels), cfg.seed, 1000 + epoch)
+        for i in range(0, len(order), cfg.batch_size):
+            b = order[i : i + cfg.batch_size]
+            loss = F.cross_entropy(head(feats[b].to(device)), labels[b].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
 
 def most_predicted_class(model: nn.Module, images: torch.Tensor, device: torch.device) -> int:
@@ -77,32 +110,29 @@ def run(cfg: Config, ctx) -> None:
     model = build_victim_model(cfg, source_test)
     model.load_state_dict(out.tensors("model"))
     train = target_split(cfg, ctx, "train", source_test.shape)
+    val = target_split(cfg, ctx, "val", source_test.shape)
     test = target_split(cfg, ctx, "test", source_test.shape)
     model.head = nn.Linear(model.feature_dim, train.num_classes)
     model = model.to(ctx.device)
 
     state = ctx.restored()
     if state is None:  # train the new head on the frozen backbone: the undefended transferred model
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in model.head.parameters():
-            p.requires_grad_(True)
-        opt = torch.optim.SGD(model.head.parameters(), lr=cfg.head_lr, momentum=cfg.momentum)
-        for epoch in range(cfg.head_epochs):
-            train_epoch(model, train.images, train.labels, opt, ctx, batch_size=cfg.batch_size, seed=cfg.seed,
-                        epoch=1000 + epoch)
-        for p in model.parameters():
-            p.requires_grad_(True)
-        target = most_predicted_class(model, trigger(test.images), ctx.device)
+        train_head(model, train.images, train.labels, cfg, ctx.device)
+        target = most_predicted_class(model, trigger(val.images if len(val) else train.images), ctx.device)
     else:
         target = int(state["transfer_target"])
-    evaluate = BackdoorEval.build(test, trigger, target, cfg.include_target_class)
+    evaluate = BackdoorEval.build(test, trigger, target, cfg.include_target_class, val=val)
     if state is None:
         before = evaluate(model, ctx.device)
-        base = {"asr_before": before[ASR], "clean_acc_before": before[CLEAN_ACC], "transfer_target": float(target)}
+        source_asr = out.metrics.get(VAL_ASR, out.metrics.get(ASR, 0.0))  # the source victim's backdoor
+        base = {"asr_before": before[ASR], "clean_acc_before": before[CLEAN_ACC],
+                "val_asr_before": before.get(VAL_ASR, float("nan")),
+                "val_clean_acc_before": before.get(VAL_CLEAN_ACC, float("nan")),
+                "transfer_target": float(target), IMPLANTED: float(source_asr >= cfg.min_asr_before)}
         ctx.report({EPOCH: 0, **before, **base})
     else:
-        base = {k: float(state[k]) for k in ("asr_before", "clean_acc_before", "transfer_target")}
+        base = {k: float(state[k]) for k in ("asr_before", "clean_acc_before", "val_asr_before",
+                                             "val_clean_acc_before", "transfer_target", IMPLANTED)}
 
     spe = steps_per_epoch(len(train), cfg.batch_size, ctx.world_size)
     lr_at = cfg.schedule(spe) if cfg.method == "sft" else constant(cfg.ft_lr or cfg.attack_lr)

@@ -14,7 +14,7 @@ from secsweep import data as data_mod
 from secsweep import models as models_mod
 from secsweep.backdoor import build_victim_model, constant, fit, load_split
 from secsweep.config import one_of, positive, require
-from secsweep.names import CLEAN_ACC, DEVICE_HOURS
+from secsweep.names import CLEAN_ACC, DEVICE_HOURS, VAL_CLEAN_ACC
 from secsweep.ops.metrics import accuracy
 from secsweep.registry import register
 from secsweep.training import predict
@@ -32,12 +32,14 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 128        # samples per step (FTP §4.4: 256)
+    val_fraction: float = 0.1    # fraction of the training data held out for validation (as the victim's)
     seed: int = 0
 
     def __post_init__(self) -> None:
         one_of("dataset", self.dataset, data_mod.DATASETS)
         one_of("model", self.model, models_mod.model_names())
         require(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
+        require(0.0 <= self.val_fraction <= 0.5, "val_fraction", self.val_fraction, "must be in [0, 0.5]")
         positive("lr", self.lr)
         positive("batch_size", self.batch_size)
 
@@ -46,10 +48,11 @@ class Config:
 def run(cfg: Config, ctx) -> None:
     torch.manual_seed(cfg.seed)
     train = load_split(cfg, ctx, "train")
-    test = load_split(cfg, ctx, "test")
+    test, val = load_split(cfg, ctx, "test"), load_split(cfg, ctx, "val")
 
     def evaluate(model, device):
-        return {CLEAN_ACC: accuracy(predict(model, test.images, device), test.labels)}
+        return {CLEAN_ACC: accuracy(predict(model, test.images, device), test.labels),
+                VAL_CLEAN_ACC: accuracy(predict(model, val.images, device), val.labels)}
 
     model = fit(build_victim_model(cfg, train), train.images, train.labels, ctx, epochs=cfg.epochs,
                 batch_size=cfg.batch_size, seed=cfg.seed, lr_at=constant(cfg.lr), momentum=cfg.momentum,

@@ -26,8 +26,14 @@ def asr_mask(labels: torch.Tensor, target: int, include_target_class: bool = Fal
 def attack_success_rate(
     pred_triggered: torch.Tensor, labels: torch.Tensor, target: int, include_target_class: bool = False
 ) -> float:
-    """ASR = #{f(t(x)) = target} / #counted, over triggered test inputs (METHODS.md §2)."""
+    """ASR = #{f(t(x)) = target} / #counted, over triggered test inputs (METHODS.md §2).
+
+    NaN when no input counts (an empty set, or only target-class inputs with the target class
+    left out): the rate is undefined there, and 0 would read as a defense that worked.
+    """
     keep = asr_mask(labels, target, include_target_class)
+    if not bool(keep.any()):
+        return float("nan")
     return accuracy(pred_triggered[keep], torch.full_like(labels[keep], target))
 
 
@@ -37,3 +43,19 @@ def der(asr_before: float, asr_after: float, acc_before: float, acc_after: float
     dASR = drop of the attack success rate, dACC = drop of clean accuracy (BackdoorBench).
     """
     return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0
+
+
+def with_der(metrics: dict) -> dict:
+    """`metrics` plus `der` (test) and `val_der` (validation) wherever the before/after pairs exist.
+
+    DER of a trial whose backdoor never took (`backdoor_implanted` = 0) is NaN: removing a backdoor
+    that is not there is not a success, and NaN keeps such trials out of every selection.
+    """
+    out = dict(metrics)
+    implanted = out.get("backdoor_implanted", 1.0)
+    for prefix in ("", "val_"):
+        keys = (f"{prefix}asr_before", f"{prefix}asr", f"{prefix}clean_acc_before", f"{prefix}clean_acc")
+        if all(k in out for k in keys) and f"{prefix}der" not in out:
+            value = der(*(float(out[k]) for k in keys))
+            out[f"{prefix}der"] = value if implanted else float("nan")
+    return out
