@@ -1,5 +1,5 @@
 """Every defense against every attack in the standalone scenario (FTP §5.3-§5.4, thesis Fig. 3.5-3.8;
-METHODS.md §5.3, §5.4): ASR, clean accuracy, device-hours and DER per (defense, attack). Each
+docs/methods.md §5, §5.11): ASR, clean accuracy, device-hours and DER per (defense, attack). Each
 backdoored model is trained once (a cached stage) and shared by all its defenses.
 
     python sweeps/defense_comparison.py            # Fashion-MNIST, small CNN, CPU

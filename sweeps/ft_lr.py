@@ -1,5 +1,5 @@
-"""Conventional fine-tuning's learning rate: 1e-4 ... 0.1 (FTP §5.5, thesis Fig. 3.11; METHODS.md
-§5.1). The paper: the pre-training learning rate keeps ASR high for 100 epochs, 0.001 forgets the
+"""Conventional fine-tuning's learning rate: 1e-4 ... 0.1 (FTP §5.5, thesis Fig. 3.11; docs/methods.md
+§5.2). The paper: the pre-training learning rate keeps ASR high for 100 epochs, 0.001 forgets the
 trigger gradually, 0.1 removes it within an epoch but costs clean accuracy. lr 0 = the pre-training
 (attack) learning rate.
 """

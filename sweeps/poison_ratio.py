@@ -1,5 +1,5 @@
 """Attack strength vs poison ratio: every backdoor attack trained at poison ratios 0.5 %-20 %
-(METHODS.md §4.1: the paper uses 0.1 throughout; §6.2 re-injects at 0.1 .. 0.0001).
+(docs/methods.md §4.1: the paper uses 0.1 throughout; §6.2 re-injects at 0.1 .. 0.0001).
 """
 
 from secsweep.sweep import Sweep, grid, main

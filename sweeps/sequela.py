@@ -1,4 +1,4 @@
-"""Backdoor sequela (FTP §6, thesis §3.5; METHODS.md §6): membership inference on every defended
+"""Backdoor sequela (FTP §6, thesis §3.5; docs/methods.md §6): membership inference on every defended
 model, and re-injection of the same backdoor into every defended model and into a clean model at
 poison ratios down to 0.001 (paper: 0.1, 0.01, 0.001, 0.0001; `--preset paper`).
 

@@ -1,5 +1,5 @@
 """SFT ablation: clean-data fraction 0.1-1.0 x LR_MAX1 {0.1, 0.2, 0.3} against Blended (FTP §5.5,
-thesis Fig. 3.9 and 3.12; METHODS.md §5.4 "Ablations"). The paper: with 10 % of the data and
+thesis Fig. 3.9 and 3.12; docs/methods.md §5.11, "Ablations"). The paper: with 10 % of the data and
 LR_MAX1 0.1 SFT fails on Blended (ASR 0.954), with 0.3 it succeeds; 20 % suffices at 0.1.
 """
 

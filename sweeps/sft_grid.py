@@ -1,5 +1,5 @@
 """Super-fine-tuning vs conventional fine-tuning against BadNets and Blended backdoors, swept over
-LR_MAX1 x LR_MAX2 (FTP §3.2, §4.4, §5.3; METHODS.md §5.1-§5.4).
+LR_MAX1 x LR_MAX2 (FTP §3.2, §4.4, §5.3; docs/methods.md §5.2, §5.3, §5.11).
 
     python sweeps/sft_grid.py                       # offline default: Fashion-MNIST, small CNN, 2 CPUs
     python sweeps/sft_grid.py --preset paper --address auto --gpus-per-trial 0.25   # CIFAR-10, PreAct-ResNet18

@@ -1,6 +1,6 @@
 """The transfer-based scenario: a classifier backdoored on a source dataset gets a new head and is
 fine-tuned on a target dataset, by conventional fine-tuning or SFT (FTP §5.2, thesis Fig. 3.3;
-METHODS.md §4.0, §5.4). ASR uses the original trigger against the class the undefended transferred
+docs/methods.md §2.2, §5.10). ASR uses the original trigger against the class the undefended transferred
 model predicts most on triggered inputs (reported as transfer_target).
 
 Offline default: Fashion-MNIST -> sklearn digits (upsampled to 28x28). Paper: CIFAR-100 -> CIFAR-10.

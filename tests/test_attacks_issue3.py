@@ -1,4 +1,4 @@
-"""WaNet, Inputaware and LF (METHODS.md §4.1) on real data: sklearn digits (8x8 grey), smallcnn, CPU.
+"""WaNet, Inputaware and LF (docs/methods.md §4.4-§4.6) on real data: sklearn digits (8x8 grey), smallcnn, CPU.
 
 Each attack is trained once per module as a cached stage; the tests read its outputs. Recipes are
 sized so every attack implants its backdoor in seconds on one thread; where an attack needs

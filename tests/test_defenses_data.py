@@ -1,4 +1,4 @@
-"""Data-based defenses (METHODS.md §5.3) on real data: sklearn digits, smallcnn, BadNets.
+"""Data-based defenses (docs/methods.md §5.7-§5.9) on real data: sklearn digits, smallcnn, BadNets.
 
 Spectral Signatures and Activation Clustering get the poisoned training set and the backdoored
 model, rank the poisoned samples above the clean ones, drop the flagged ones and retrain; ABL trains
@@ -8,7 +8,7 @@ Poison ratio. Spectral and AC look for the poison inside the target label, and n
 minority there: with all-to-one poisoning of a fraction r of the data over 10 labels the target
 label is r / (r + (1 - r) / 10) poisoned, 0.53 at r = 0.1 (Tran et al. poison 5-10 % of a label).
 Their tests therefore use r = 0.03 (43 of 1437 samples, ~24 % of label 0; the backdoor still
-reaches ASR ~0.98). ABL has no such limit and runs at the METHODS default r = 0.1.
+reaches ASR ~0.98). ABL has no such limit and runs at the paper's r = 0.1 (docs/methods.md §4.1).
 
 Numbers observed on one thread (seed 0; seeds 1 and 2 in brackets where measured):
 * Spectral, last_block representation, eps 0.2: AUC 0.916 (0.920, 0.971), TPR 0.93; after 6

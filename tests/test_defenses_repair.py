@@ -1,4 +1,4 @@
-"""Behaviour of the model-repair baselines FP, NAD and NC (METHODS.md §5.3) on real data at test scale:
+"""Behaviour of the model-repair baselines FP, NAD and NC (docs/methods.md §5.4-§5.6) on real data at test scale:
 sklearn digits (8x8 grey), smallcnn, a BadNets backdoor (ASR ~1.0, clean accuracy ~0.98 after 6
 epochs). Each test fails if the method's mechanism is broken, not only if it crashes.
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
+import re
 import subprocess
 import sys
 import tomllib
@@ -17,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_platform_dir_is_not_a_package():
     assert (ROOT / "platform" / "secsweep" / "__init__.py").is_file()
     assert not (ROOT / "platform" / "__init__.py").exists(), (
-        "platform/__init__.py shadows the stdlib module `platform` (DESIGN.md Layout): delete it"
+        "platform/__init__.py shadows the stdlib module `platform` (docs/design.md, 'Layout'): delete it"
     )
 
 
@@ -46,5 +49,76 @@ def test_pyproject_package_discovery():
     assert "." in find["where"]  # trainables/ lives at the repo root
     assert "secsweep*" in find["include"]
     assert "trainables*" in find["include"]
-    # editable_mode=compat (a .pth pointing at the repo root layout) is ruled out by DESIGN.md
+    # editable_mode=compat (a .pth pointing at the repo root layout) is ruled out by docs/design.md "Layout"
     assert "editable_mode" not in pyproject["tool"]["setuptools"]
+
+
+# -- declared dependencies ------------------------------------------------------------------------
+
+FIRST_PARTY = {"secsweep", "trainables"}
+
+
+def _requirement_name(spec: str) -> str:
+    """Distribution name of a PEP 508 requirement string, normalised (PEP 503)."""
+    name = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", spec).group(1)
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _imported_top_level(folders: list[str]) -> dict[str, str]:
+    """Top-level module -> first file importing it, over every absolute import (also inside
+    functions) of the .py files under `folders`, stdlib and first-party modules left out."""
+    found: dict[str, str] = {}
+    files = [path for folder in folders for path in sorted((ROOT / folder).rglob("*.py"))]
+    # test modules may import each other (tests/ is on sys.path); the library imports itself only
+    # as `secsweep.*` / `trainables.*` or relatively
+    local = FIRST_PARTY | {path.stem for path in files if path.relative_to(ROOT).parts[0] in ("tests", "bench")}
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in local and top != "__future__":
+                    found.setdefault(top, str(path.relative_to(ROOT)))
+    return found
+
+
+def _undeclared(modules: dict[str, str], declared: set[str]) -> list[str]:
+    dists = importlib.metadata.packages_distributions()
+    missing = []
+    for module, where in sorted(modules.items()):
+        candidates = {re.sub(r"[-_.]+", "-", d).lower() for d in dists.get(module, [module])}
+        if not candidates & declared:
+            missing.append(f"{module} (imported by {where}; distributions {sorted(candidates)})")
+    return missing
+
+
+def _declared(*extras: str) -> set[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = list(project["dependencies"])
+    for extra in extras:
+        specs += project["optional-dependencies"][extra]
+    return {_requirement_name(s) for s in specs}
+
+
+def test_every_library_import_is_a_declared_dependency():
+    modules = _imported_top_level(["platform", "trainables", "sweeps"])
+    # the scan itself works: it sees imports at module level and inside functions
+    assert {"torch", "ray", "mlflow", "PIL", "sklearn"} <= set(modules), sorted(modules)
+    assert not _undeclared(modules, _declared()), _undeclared(modules, _declared())
+
+
+def test_every_test_import_is_declared_with_the_test_extra():
+    modules = _imported_top_level(["tests", "bench"])
+    assert {"pytest", "yaml", "jsonschema"} <= set(modules), sorted(modules)
+    declared = _declared("test")
+    assert not _undeclared(modules, declared), _undeclared(modules, declared)
+
+
+def test_requires_python_allows_only_versions_with_tomllib():
+    spec = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert spec.replace(" ", "") == ">=3.11"  # tomllib, used by these tests, is new in 3.11

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from secsweep.ops.schedules import SHAPES, cycle_fraction, sft_lr
+from secsweep.ops.schedules import SHAPES, cosine, cycle_fraction, sft_lr
 
 torch.set_num_threads(1)
 
@@ -157,3 +159,55 @@ def test_sft_config_quarter_epoch_is_at_least_one_step():
     sched = Config().schedule(steps_per_epoch=3)  # 3 // 4 = 0 -> clamped to 1
     assert sched(1) == pytest.approx(Config().lr_max1)
     assert sched(2) == pytest.approx(Config().lr_base)
+
+
+# -- torch.optim.lr_scheduler as the reference ------------------------------------------------------
+
+def _cyclic_lr_rates(shape: str, n_steps: int) -> list[float]:
+    """The SFT schedule built from torch's CyclicLR, stepped alongside a real SGD optimizer: the
+    phase switch is CyclicLR's per-iteration scale_fn (peak MAX1, then MAX2)."""
+    param = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([param], lr=BASE)
+    phase2_scale = (MAX2 - BASE) / (MAX1 - BASE)
+    sched = torch.optim.lr_scheduler.CyclicLR(
+        opt, base_lr=BASE, max_lr=MAX1, step_size_up=R, step_size_down=R if shape == "triangular" else 0,
+        mode="triangular", scale_fn=lambda it: 1.0 if it < PHASE1 * SPE else phase2_scale,
+        scale_mode="iterations", cycle_momentum=False)
+    rates = []
+    for _ in range(n_steps):
+        rates.append(opt.param_groups[0]["lr"])  # the rate this step trains with
+        param.grad = torch.ones(1)
+        opt.step()
+        sched.step()
+    return rates
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sft_lr_equals_torch_cyclic_lr_step_by_step(shape):
+    n = PHASE1 * SPE + 10 * R + 3  # all of phase 1 and several cycles of phase 2
+    ours = [lr(step, shape) for step in range(n)]
+    assert ours == pytest.approx(_cyclic_lr_rates(shape, n), rel=1e-12, abs=1e-15)
+    top = 1.0 if shape == "triangular" else (R - 1) / R  # a sawtooth drops before it reaches its peak
+    assert max(ours[: PHASE1 * SPE]) == pytest.approx(BASE + top * (MAX1 - BASE))  # both phases compared
+    assert max(ours[PHASE1 * SPE :]) == pytest.approx(BASE + top * (MAX2 - BASE))
+
+
+def test_cosine_equals_torch_cosine_annealing_in_a_training_loop():
+    total, base = 37, 0.05
+    schedule = cosine(base, total)
+    param = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([param], lr=base)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    for step in range(total + 1):
+        assert schedule(step) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=1e-15)
+        assert schedule(step) == pytest.approx(base * (1 + math.cos(math.pi * step / total)) / 2, abs=1e-15)
+        param.grad = torch.ones(1)
+        opt.step()
+        sched.step()
+    assert schedule(0) == base and schedule(total) == 0.0
+    assert schedule(total + 5) == 0.0  # held at 0 after the end (torch's own would rise again)
+
+
+def test_from_torch_rejects_empty_schedule():
+    with pytest.raises(ValueError, match="total_steps=0"):
+        cosine(0.1, 0)

@@ -1,4 +1,4 @@
-"""Backdoor sequela on real data at CPU scale (digits, small CNN; METHODS.md §6.1, §6.2, §8.2).
+"""Backdoor sequela on real data at CPU scale (digits, small CNN; docs/methods.md §6.1, §6.2).
 
 Membership inference must find the members of a deliberately overfit model (AUC > 0.6) and must
 find nothing (AUC about 0.5) when membership carries no information. Re-injection must re-implant

@@ -1,4 +1,4 @@
-"""The standalone backdoor scenario shared by attacks and defenses (METHODS.md §4.0-§5.2).
+"""The standalone backdoor scenario shared by attacks and defenses (docs/methods.md §2.1, §5.1-§5.3).
 
 `VictimConfig` is the recipe of a backdoored model (dataset, architecture, poisoning, training);
 every attack's Config extends it. `DefenseConfig` adds which attack to defend against and the
@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 class VictimConfig:
     dataset: str = "fashion_mnist"      # secsweep.data.DATASETS
     model: str = "smallcnn"             # secsweep.models.model_names()
-    poison_ratio: float = 0.1           # fraction of the training set poisoned (METHODS §4.1: 0.1)
-    target_label: int = 0               # all-to-one target class (METHODS §4.1: not stated)
+    poison_ratio: float = 0.1           # fraction of the training set poisoned (docs/methods.md §4.1: 0.1)
+    target_label: int = 0               # all-to-one target class (docs/methods.md §2.1: not stated)
     train_size: int = 0                 # training samples used, 0 = the whole training set
     image_size: int = 0                 # pixels per side, 0 = the dataset's native size
     channels: int = 0                   # input channels, 0 = native (1 -> 3 repeats grey)
@@ -56,7 +56,7 @@ class VictimConfig:
     attack_momentum: float = 0.9        # SGD momentum (not stated in FTP)
     attack_weight_decay: float = 5e-4   # L2 weight decay (not stated in FTP)
     attack_batch_size: int = 128        # samples per step (FTP §4.4: 256)
-    include_target_class: bool = False  # count target-class test samples in ASR (METHODS §2: not stated)
+    include_target_class: bool = False  # count target-class test samples in ASR (docs/methods.md §2.3: not stated)
     augment: str = "none"               # training augmentation: none, crop, crop_flip, auto (secsweep.presets)
     augment_padding: int = 4            # zero padding in pixels a side before the random crop (BackdoorBench: 4)
     val_fraction: float = 0.1           # fraction of the training data held out (stratified) for validation
@@ -146,7 +146,7 @@ class DefenseConfig(VictimConfig):
 
 @dataclass(frozen=True)
 class SFTSchedule:
-    """Super-fine-tuning's two-phase cyclic learning rate (FTP §3.2/§4.4; METHODS.md §5.2), as fields
+    """Super-fine-tuning's two-phase cyclic learning rate (FTP §3.2/§4.4; docs/methods.md §5.3), as fields
     any config can mix in (the SFT defense, the transfer scenario). Call `check_schedule()` from
     `__post_init__`."""
 
@@ -424,7 +424,7 @@ def finetune(
     victim: Victim | None = None,
     data: data_mod.ImageSet | None = None,
 ) -> nn.Module:
-    """Whole-model fine-tuning on clean data (METHODS §5.1/§5.2) with the schedule `lr_at(step)`.
+    """Whole-model fine-tuning on clean data (docs/methods.md §5.2/§5.3) with the schedule `lr_at(step)`.
 
     `lr_at_factory(steps_per_epoch)` returns the schedule. Reports epoch 0 (the backdoored model,
     before the defense) and every epoch after, each carrying asr_before/clean_acc_before too.

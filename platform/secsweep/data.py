@@ -1,10 +1,10 @@
 """Image-classification datasets as in-memory tensors: find, check, load.
 
-The datasets are the ones the papers in METHODS.md §3 use: CIFAR10 / CIFAR100 / GTSRB (FTP§4.2),
+The datasets are the ones the papers of docs/methods.md §3 use: CIFAR10 / CIFAR100 / GTSRB (FTP§4.2),
 STL10 / SVHN / Fashion-MNIST (thesis §4.4.1), plus scikit-learn's 8x8 `digits`, which ships
 with scikit-learn and so is always available (for tests and smoke runs).
 
-Design (DESIGN.md "Defaults that must just work"): every on-disk layout is read by a small reader
+Design (docs/design.md "Defaults that must just work"): every on-disk layout is read by a small reader
 in this module (idx, CIFAR pickle batches, SVHN .mat, STL-10 binary, GTSRB folders), so loading
 needs no network and skips torchvision's md5 checks; torchvision is used only to download, and only
 when the caller passes `download=True`.
@@ -19,7 +19,7 @@ Every `load` returns fresh float tensors that the caller owns and may modify in 
 does). Decoded uint8 pixels are cached per process, so a second `load` of the same data only pays
 the uint8 -> float conversion (and resizing, if asked).
 
-Safety (DESIGN.md "Safety"): CIFAR ships as Python pickles; they are read with an unpickler that
+Safety (docs/design.md "Safety"): CIFAR ships as Python pickles; they are read with an unpickler that
 only resolves the few numpy names a pickled array needs, so a tampered file cannot run code.
 """
 
@@ -48,7 +48,7 @@ DATASETS: tuple[str, ...] = ("fashion_mnist", "digits", "cifar10", "cifar100", "
 SPLITS: tuple[str, ...] = ("train", "test")
 CHANNELS: tuple[int, ...] = (1, 3)
 
-# Classes per dataset (METHODS.md §3; digits: scikit-learn's load_digits).
+# Classes per dataset (docs/methods.md §3; digits: scikit-learn's load_digits).
 _NUM_CLASSES: dict[str, int] = {
     "fashion_mnist": 10,
     "digits": 10,
@@ -180,7 +180,7 @@ def _check_split(split: str) -> None:
 
 
 def num_classes(name: str) -> int:
-    """Number of classes of dataset `name` (METHODS.md §3)."""
+    """Number of classes of dataset `name` (docs/methods.md §3)."""
     _check_name(name)
     return _NUM_CLASSES[name]
 
@@ -556,7 +556,7 @@ def _to_float(pixels: torch.Tensor, max_value: float = 255.0) -> torch.Tensor:
 def _convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     """(N, C, H, W) -> (N, channels, H, W): 1 -> 3 repeats the grey plane, 3 -> 1 averages R, G, B.
 
-    The plain average (not ITU-R luma weights) is used: no paper in METHODS.md specifies a grey
+    The plain average (not ITU-R luma weights) is used: no paper of docs/methods.md §1 specifies a grey
     conversion. Returns `images` itself when it already has `channels` channels.
     """
     have = images.shape[1]

@@ -8,13 +8,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from .backdoor import DefenseConfig, Victim, build_victim_model, constant, fit
 from .config import one_of
 from .context import Context
 from .names import AUC, FPR, TPR
-from .ops.mia import roc_auc
 from .poison import PoisonedSet
 from .training import features
 
@@ -60,7 +60,8 @@ def detection_metrics(scores: torch.Tensor, flagged: torch.Tensor, poisoned: tor
     poisoned = poisoned.bool().cpu()
     flagged = flagged.bool().cpu()
     n_pos, n_neg = int(poisoned.sum()), int((~poisoned).sum())
-    auc = roc_auc(scores.detach().cpu().to(torch.float64), poisoned) if n_pos and n_neg else 0.5
+    scores = scores.detach().cpu().to(torch.float64)
+    auc = roc_auc_score(poisoned.numpy(), scores.numpy()) if n_pos and n_neg else 0.5
     return {
         AUC: float(auc),
         TPR: float((flagged & poisoned).sum()) / n_pos if n_pos else 0.0,

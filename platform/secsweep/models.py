@@ -5,13 +5,13 @@ adaptive average pooling makes the spatial size free. Defenses need the same han
 model, so each one exposes:
 
 * ``features(x) -> (N, D)``: the penultimate representation (after global pooling, before the head),
-  used by Activation Clustering and Spectral Signatures (METHODS.md §5.3);
+  used by Activation Clustering and Spectral Signatures (docs/methods.md §5.8, §5.9);
 * ``head``: the final ``nn.Linear(D, num_classes)``; transfer-based experiments replace it with
-  ``model.head = nn.Linear(model.feature_dim, k)`` (METHODS.md §4.0, transfer-based scenario);
+  ``model.head = nn.Linear(model.feature_dim, k)`` (docs/methods.md §2.2, transfer-based scenario);
 * ``last_conv``: the last ``nn.Conv2d`` before the pooling, whose output channels Fine-Pruning masks
-  (METHODS.md §5.3). For every built-in model ``last_conv.out_channels == feature_dim``;
+  (docs/methods.md §5.4). For every built-in model ``last_conv.out_channels == feature_dim``;
 * ``attention_layers()``: the modules whose outputs Neural Attention Distillation turns into
-  attention maps (METHODS.md §5.3);
+  attention maps (docs/methods.md §5.5);
 * ``feature_dim``: D, an int;
 * ``forward(x) == head(features(x))``.
 

@@ -1,7 +1,7 @@
 """Data poisoning: choose which training samples carry the trigger and relabel them.
 
 All-to-one attacks (every poisoned sample gets the target label) as in the FTP paper's BackdoorBench
-setting (METHODS.md §4.1: poison ratio 0.1; target label not stated, 0 here).
+setting (docs/methods.md §4.1: poison ratio 0.1; target label not stated, 0 here).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What every sequela trainable attacks: a defended model (METHODS.md §6).
+"""What every sequela trainable attacks: a defended model (docs/methods.md §6).
 
 `SequelaConfig` names the defense whose output to attack (any defense trainable, "none" for the
 backdoored model itself, "clean" for a clean model with the victim's recipe); `load_defended` gets

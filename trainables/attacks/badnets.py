@@ -1,9 +1,9 @@
 """BadNets (Gu et al., "BadNets: Identifying Vulnerabilities in the Machine Learning Model Supply
-Chain", 2017), as used through BackdoorBench by the FTP paper (METHODS.md §4.1).
+Chain", 2017), as used through BackdoorBench by the FTP paper (docs/methods.md §4.2).
 
 A white square patch at the bottom-right corner, all-to-one to `target_label`. Patch size 3x3 on a
 32x32 image (BackdoorBench's default; the paper shows the trigger only as a picture), scaled for
-other sizes (2x2 on 28x28 Fashion-MNIST). Poison ratio 0.1 (METHODS §4.1).
+other sizes (2x2 on 28x28 Fashion-MNIST). Poison ratio 0.1 (docs/methods.md §4.1).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Blended (Chen et al., "Targeted Backdoor Attacks on Deep Learning Systems Using Data Poisoning",
-2017), as used through BackdoorBench by the FTP paper (METHODS.md §4.1).
+2017), as used through BackdoorBench by the FTP paper (docs/methods.md §4.3).
 
 The trigger is a full-image pattern blended into the input, x' = (1 - alpha) x + alpha p, so its
 position does not matter. alpha = 0.2 (BackdoorBench's training blend ratio). BackdoorBench blends a

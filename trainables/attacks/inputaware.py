@@ -1,5 +1,5 @@
 """Input-Aware Dynamic Backdoor (Nguyen & Tran, "Input-Aware Dynamic Backdoor Attack", NeurIPS 2020),
-as used through BackdoorBench by the FTP paper (METHODS.md §4.1: "generator trained with a diversity
+as used through BackdoorBench by the FTP paper (docs/methods.md §4.5: "generator trained with a diversity
 loss produces per-image (input-specific) triggers").
 
 The attacker controls training. A trigger generator g and a mask generator m
@@ -22,9 +22,9 @@ restarted trial resumes where it stopped (mask pre-training is not repeated).
 Outputs: `model` (classifier), `generator` and `mask` (generator weights); the `trigger` hook
 rebuilds the trigger function from them.
 
-Defaults and their sources (METHODS.md §4.1 leaves all Inputaware internals [NS], "BackdoorBench
+Defaults and their sources (docs/methods.md §4.5; FTP leaves all Inputaware internals [NS], "BackdoorBench
 defaults implied"; the values are the paper's / BackdoorBench's unless said otherwise):
-* poison_ratio 0.1 (= the paper's p_attack): METHODS.md §4.1 [S], inherited from VictimConfig.
+* poison_ratio 0.1 (= the paper's p_attack): FTP [S] (docs/methods.md §4.1), inherited from VictimConfig.
 * p_cross 0.1, lambda_div 1, lambda_norm 100, mask_density 0.032: paper / BackdoorBench.
 * generator_lr 0.01 (BackdoorBench lr_G = lr_M = 0.01), Adam betas (0.5, 0.9): the authors' code.
 * mask_pretrain_epochs 2: CPU-sized; the paper / BackdoorBench (clean_train_epochs) use 25 (set
@@ -35,7 +35,7 @@ defaults implied"; the values are the paper's / BackdoorBench's unless said othe
 * lr_schedule "cosine": both rates annealed to 0 over attack_epochs, the scheduler of
   BackdoorBench's prototype recipe (CosineAnnealingLR) [EXT]; BackdoorBench's Inputaware config
   steps C and g down by 10x at epochs 100-400 / 200-500 (MultiStepLR), i.e. constant through short
-  runs; METHODS.md: [NS]. Cosine is the default because runs are short: with constant rates the
+  runs; FTP: [NS]. Cosine is the default because runs are short: with constant rates the
   classifier chases a generator that keeps moving and ASR swings by tens of points between epochs.
   "constant" is the recipe of BadNets/Blended here.
 * diversity distances are per-sample L2 norms (`secsweep.ops.inputaware.diversity_loss`); the
@@ -63,6 +63,7 @@ from secsweep.backdoor import BackdoorEval, VictimConfig, build_victim_model, lo
 from secsweep.config import in_open_unit, one_of, positive, require
 from secsweep.names import EPOCH, LR
 from secsweep.ops import inputaware as ia
+from secsweep.ops.schedules import cosine
 from secsweep.ops.schedules import cosine
 from secsweep.registry import register
 from secsweep.training import epoch_order, set_lr, steps_per_epoch

@@ -1,6 +1,6 @@
 """LF, the low-frequency trigger (Zeng, Park, Mao & Jia, "Rethinking the Backdoor Attacks' Triggers:
-A Frequency Perspective", ICCV 2021), as used through BackdoorBench by the FTP paper (METHODS.md
-§4.1: "trigger designed so triggered and clean images are consistent in the frequency domain").
+A Frequency Perspective", ICCV 2021), as used through BackdoorBench by the FTP paper (docs/methods.md
+§4.6: "trigger designed so triggered and clean images are consistent in the frequency domain").
 
 The trigger is one additive perturbation delta (C, H, W) for every image: a targeted universal
 adversarial perturbation (UAP) towards `target_label`, optimised on a CLEAN model of the same
@@ -17,10 +17,10 @@ since the whole attack run is a cached stage for defenses, delta is computed onc
 model, clean training, LF parameters), and the `trigger` hook reads it back from the stage output.
 A restarted trial recomputes delta (deterministic on CPU for a given seed) before resuming training.
 
-Defaults and their sources (METHODS.md §4.1 leaves the LF internals [NS], "BackdoorBench defaults
+Defaults and their sources (docs/methods.md §4.6; FTP leaves the LF internals [NS], "BackdoorBench defaults
 implied"; BackdoorBench ships precomputed LF trigger images rather than its solver's settings, so
 the values are secsweep's [NS] choices, documented in `secsweep.ops.frequency`):
-* poison_ratio 0.1: METHODS.md §4.1 [S] (inherited from VictimConfig).
+* poison_ratio 0.1: FTP [S] (docs/methods.md §4.1) (inherited from VictimConfig).
 * eps 0.1: L_inf budget of delta, intensity units in [0, 1] (about 26/255) [NS]; the ops default 0.05 is too faint at CPU scale (below).
 * cutoff 0.25: normalised radius of the ideal low-pass filter (1 = Nyquist) [NS].
 * uap_steps 200, uap_lr 0.01, uap_batch_size 128: signed-gradient UAP solver [NS].

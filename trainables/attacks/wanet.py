@@ -1,5 +1,5 @@
 """WaNet (Nguyen & Tran, "WaNet -- Imperceptible Warping-based Backdoor Attack", ICLR 2021), as used
-through BackdoorBench by the FTP paper (METHODS.md §4.1: "small, smooth warping (deformation) of
+through BackdoorBench by the FTP paper (docs/methods.md §4.4: "small, smooth warping (deformation) of
 the image as trigger").
 
 The trigger is not a patch: a poisoned image is resampled through one fixed, smooth warping field
@@ -11,8 +11,8 @@ through the field plus per-sample random jitter (`secsweep.ops.warp.noise_grid`)
 labels, so the network learns this exact warp rather than "any warp".
 
 Defaults and their sources:
-* poison_ratio 0.1: METHODS.md §4.1 [S] (inherited from VictimConfig, as the training recipe).
-* k = 4, s = 0.5, grid_rescale = 1, cross_ratio = 2: METHODS.md §4.1 leaves the WaNet internals
+* poison_ratio 0.1: FTP [S] (docs/methods.md §4.1) (inherited from VictimConfig, as the training recipe).
+* k = 4, s = 0.5, grid_rescale = 1, cross_ratio = 2: FTP leaves the WaNet internals
   [NS] ("BackdoorBench defaults implied"); these are the WaNet paper's / BackdoorBench's defaults.
 * noise_scale = 1: cross-sample jitter in WaNet's own unit (uniform in [-1, 1] / image size).
 * warp_seed = 0: seed of the random control grid [NS]; the trigger is a function of the config
@@ -28,7 +28,7 @@ Defaults and their sources:
 * lr_schedule = "cosine": attack_lr annealed to 0 over attack_epochs, the scheduler of
   BackdoorBench's prototype recipe (CosineAnnealingLR; its BadNets/Blended/LF defaults) [EXT].
   BackdoorBench's WaNet config instead steps the rate down by 10x at epochs 100/200/300/400
-  (MultiStepLR), i.e. keeps it constant through its 100-epoch default run; METHODS.md §4.1: LR
+  (MultiStepLR), i.e. keeps it constant through its 100-epoch default run; FTP: LR
   schedule [NS]. Cosine is the default here because runs are short: with a constant rate the
   decision between "warped" and "natural" is so fine that ASR swings by tens of points from epoch
   to epoch (digits, 30 epochs at lr 0.03: 1.00, 0.60, 0.49 over the last three), and the model a
@@ -54,6 +54,7 @@ from secsweep import data, trainset
 from secsweep.backdoor import BackdoorEval, VictimConfig, build_victim_model, fit, load_split
 from secsweep.config import one_of, positive, require
 from secsweep.ops import warp as warp_ops
+from secsweep.ops.schedules import cosine
 from secsweep.ops.schedules import cosine
 from secsweep.poison import poison
 from secsweep.registry import register

@@ -1,10 +1,10 @@
 """Anti-Backdoor Learning, ABL (Li et al., "Anti-Backdoor Learning: Training Clean Models on Poisoned
-Data", NeurIPS 2021), a baseline defense of the FTP paper run through BackdoorBench (METHODS.md
-§5.3: "backdoor samples are learned fast and tied to one class; two-stage gradient-ascent method
+Data", NeurIPS 2021), a baseline defense of the FTP paper run through BackdoorBench (docs/methods.md
+§5.7: "backdoor samples are learned fast and tied to one class; two-stage gradient-ascent method
 isolates backdoor samples and breaks the sample-label link").
 
 ABL is a training-time defense: it trains a fresh model on the poisoned training set (the
-defender's data in the standalone scenario, METHODS.md §5.0); the backdoored model is only reported
+defender's data in the standalone scenario, docs/methods.md §5.1); the backdoored model is only reported
 as epoch 0 (asr_before / clean_acc_before). Three stages, one report per epoch (`abl_stage` 1-3):
 
 1. Isolation, `isolation_epochs`: train with the local gradient ascent loss sign(CE - gamma) * CE
@@ -17,7 +17,7 @@ as epoch 0 (asr_before / clean_acc_before). Three stages, one report per epoch (
    The paper writes stages 2 and 3 as one objective (descent on the rest, ascent on the isolated);
    the released code and BackdoorBench run them one after the other, as here.
 
-METHODS.md §5.3 states no hyperparameter ("BackdoorBench defaults implied"). Defaults and sources:
+FTP states no hyperparameter (docs/methods.md §5.7) ("BackdoorBench defaults implied"). Defaults and sources:
 
 * `gamma` = 0.5 and `isolation_ratio` = 0.01: the paper's values (also the released code's and
   BackdoorBench's config/defense/abl/config.yaml).

@@ -1,15 +1,15 @@
 """Activation Clustering, AC (Chen et al., "Detecting Backdoor Attacks on Deep Neural Networks by
 Activation Clustering", arXiv 1811.03728 / SafeAI@AAAI 2019), a baseline defense of the FTP paper
-run through BackdoorBench (METHODS.md §5.3).
+run through BackdoorBench (docs/methods.md §5.8).
 
 The defender holds the poisoned training set and the backdoored model (standalone scenario,
-METHODS.md §5.0). Per label: take the activations of the samples labelled so, reduce them to
+docs/methods.md §5.1). Per label: take the activations of the samples labelled so, reduce them to
 `n_components` dimensions, split them with 2-means, and flag the smaller cluster when it holds at
 most `size_threshold` of the label (relative-size analysis;
 `secsweep.ops.detection.activation_clustering`). The flagged samples are removed and a fresh model
 is retrained from scratch on the rest ("retrain without the flagged cluster", Chen et al. §4).
 
-METHODS.md §5.3 states no hyperparameter ("BackdoorBench defaults implied"). Defaults and sources:
+FTP states no hyperparameter (docs/methods.md §5.8) ("BackdoorBench defaults implied"). Defaults and sources:
 
 * `n_components` = 10 and `reduce` = "ica": Chen et al. reduce the activations to 10 dimensions
   with ICA (BackdoorBench's `nb_dims: 10`). "pca" is offered because ICA whitens every component to

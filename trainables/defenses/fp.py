@@ -1,5 +1,5 @@
 """Fine-Pruning, FP (Liu, Dolan-Gavitt and Garg, "Fine-Pruning: Defending Against Backdooring
-Attacks on Deep Neural Networks", RAID 2018), a baseline defense of the FTP paper (METHODS.md §5.3:
+Attacks on Deep Neural Networks", RAID 2018), a baseline defense of the FTP paper (docs/methods.md §5.4:
 "prune low-influence neurons, then fine-tune"; all its hyperparameters are not stated there,
 BackdoorBench defaults implied).
 

@@ -1,4 +1,4 @@
-"""Conventional fine-tuning (FTP §3.2 / thesis §3.2.2; METHODS.md §5.1).
+"""Conventional fine-tuning (FTP §3.2 / thesis §3.2.2; docs/methods.md §5.2).
 
 Whole-model fine-tuning on clean data at a constant learning rate. The paper's rule is "the same
 learning rate as in the pre-training process", so `lr` defaults to 0 meaning "use the backdoor

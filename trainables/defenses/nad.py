@@ -1,6 +1,6 @@
 """Neural Attention Distillation, NAD (Li et al., "Neural Attention Distillation: Erasing Backdoor
-Triggers from Deep Neural Networks", ICLR 2021), a baseline defense of the FTP paper (METHODS.md
-§5.3: "knowledge distillation with a clean teacher model guides fine-tuning of the backdoored
+Triggers from Deep Neural Networks", ICLR 2021), a baseline defense of the FTP paper (docs/methods.md
+§5.5: "knowledge distillation with a clean teacher model guides fine-tuning of the backdoored
 student"; all its hyperparameters are not stated there, BackdoorBench defaults implied).
 
 1. Teacher: a copy of the backdoored model fine-tuned with cross-entropy on the defender's clean
@@ -37,7 +37,7 @@ layers of the AT distance between student and teacher on up to 512 clean test im
 and the constants ``nad_attention_gap_before`` (the same for the backdoored model),
 ``teacher_asr`` / ``teacher_clean_acc``, ``asr_before`` / ``clean_acc_before``. The resume state
 holds the student, its optimizer and the teacher. The teacher's cost is charged to the trial's
-device_hours (NAD's "computational cost is high", METHODS §5.3). In multi-worker trials every
+device_hours (NAD's "computational cost is high", docs/methods.md §5.5). In multi-worker trials every
 worker fine-tunes the same teacher on all the clean data (deterministic, identical copies) and the
 student is trained data-parallel on its shard.
 """

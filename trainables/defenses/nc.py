@@ -1,8 +1,8 @@
 """Neural Cleanse, NC (Wang et al., "Neural Cleanse: Identifying and Mitigating Backdoor Attacks in
-Neural Networks", IEEE S&P 2019), a baseline defense of the FTP paper (METHODS.md §5.3: "optimize a
+Neural Networks", IEEE S&P 2019), a baseline defense of the FTP paper (docs/methods.md §5.6: "optimize a
 candidate trigger per class, compare each class's minimal perturbation, outlier class = target;
 unlearning = fine-tune with trigger-stamped images carrying correct labels plus clean samples";
-detection settings of SecurityNet in METHODS.md §10.4).
+detection settings of SecurityNet in docs/methods.md §5.6).
 
 1. Detection: for every class, reverse-engineer the smallest (mask, pattern) trigger that sends
    ``nc_images`` clean images of the defender to that class
@@ -15,10 +15,10 @@ detection settings of SecurityNet in METHODS.md §10.4).
 3. Nothing flagged: the model is left unchanged; each of the ``epochs`` reports is still sent (the
    unchanged model's metrics), so NC's curves line up with the other defenses' in Tune and MLflow.
 
-Defaults and where they come from (METHODS.md §5.3 states none; §10.4 gives SecurityNet's
+Defaults and where they come from (FTP states none; SecurityNet gives
 50 epochs of reverse engineering and "their default threshold"):
 
-* ``nc_threshold`` 2.0: NC's anomaly-index threshold (METHODS.md §10.4 [EXT]).
+* ``nc_threshold`` 2.0: NC's anomaly-index threshold (docs/methods.md §5.6 [EXT]).
 * ``nc_lr`` 0.1, ``nc_init_cost`` 1e-3, ``nc_batch_size`` 32: NC's released defaults (the op's;
   BackdoorBench's NC: init_cost 1e-3, batch 64).
 * ``nc_steps`` 100: optimisation steps (mini-batches) per class, a CPU-sized default, NOT a paper

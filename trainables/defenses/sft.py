@@ -1,5 +1,5 @@
 """Super-fine-tuning, SFT (Sha et al., "Fine-Tuning Is All You Need to Mitigate Backdoor Attacks",
-FTP §3.2 and §4.4; thesis §3.2.2; METHODS.md §5.2).
+FTP §3.2 and §4.4; thesis §3.2.2; docs/methods.md §5.3).
 
 Whole-model fine-tuning on clean data with a two-phase cyclic learning rate: during the first
 `phase1_epochs` the rate ramps linearly from LR_BASE to LR_MAX1 and back, afterwards between LR_BASE

@@ -1,13 +1,13 @@
 """Spectral Signatures (Tran, Li & Madry, "Spectral Signatures in Backdoor Attacks", NeurIPS 2018,
-Algorithm 1), a baseline defense of the FTP paper run through BackdoorBench (METHODS.md §5.3).
+Algorithm 1), a baseline defense of the FTP paper run through BackdoorBench (docs/methods.md §5.9).
 
 The defender holds the poisoned training set and the backdoored model (standalone scenario,
-METHODS.md §5.0). Per label y: centre the representations of the samples labelled y, take the top
+docs/methods.md §5.1). Per label y: centre the representations of the samples labelled y, take the top
 right singular vector v, score each sample by its squared projection on v
 (`secsweep.ops.detection.spectral_scores`), remove the 1.5 * eps highest-scoring fraction of every
 label (`spectral_remove`), and retrain a fresh model from scratch on what is left.
 
-METHODS.md §5.3 states no hyperparameter ("BackdoorBench defaults implied"). Defaults and sources:
+FTP states no hyperparameter (docs/methods.md §5.9) ("BackdoorBench defaults implied"). Defaults and sources:
 
 * `eps` = 0.1: the assumed upper bound on the poisoned fraction of a label. Tran et al. evaluate
   5 % and 10 % poisoning of the target label; 0.1 is the larger, and 1.5 * 0.1 = 15 % removed per

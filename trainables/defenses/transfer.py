@@ -1,11 +1,11 @@
-"""The transfer-based scenario (FTP §2.2, §5.2; thesis §2.1.2, §3.4.2; METHODS.md §4.0, §5.4).
+"""The transfer-based scenario (FTP §2.2, §5.2; thesis §2.1.2, §3.4.2; docs/methods.md §2.2, §5.10).
 
 A classifier backdoored on a source dataset is reused for a target task: the user replaces its
 classification layer, trains the new head, and fine-tunes the whole model on the target data; the
 fine-tuning is the defense, conventional (`method=ft`) or super-fine-tuning (`method=sft`, the
 SFTSchedule fields). The backdoor is measured with the original trigger against "the same (but
-random) class" (thesis §2.1.2); how that class is fixed is not stated (METHODS §2), so the rule here
-is METHODS' suggestion: the class the undefended transferred model (new head trained, backbone
+random) class" (thesis §2.1.2); how that class is fixed is not stated (docs/methods.md §2.2), so the rule here
+is this one: the class the undefended transferred model (new head trained, backbone
 frozen for `head_epochs`) predicts most often on triggered target test inputs. It is reported as
 `transfer_target`.
 

@@ -1,5 +1,5 @@
 """A clean classifier: the dataset and architecture of the standalone scenario trained without any
-poisoning (METHODS.md §4.0). Used as an upstream stage, e.g. by the LF attack (its universal
+poisoning (docs/methods.md §7). Used as an upstream stage, e.g. by the LF attack (its universal
 perturbation is computed against a clean model) and by backdoor re-injection (injection into a clean
 model is the paper's baseline, §6.2). Training recipe as the backdoored models' (FTP §4.4).
 """

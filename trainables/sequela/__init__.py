@@ -1,1 +1,1 @@
-"""Backdoor sequela (METHODS.md §6): attacks on defended models."""
+"""Backdoor sequela (docs/methods.md §6): attacks on defended models."""

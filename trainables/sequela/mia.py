@@ -1,5 +1,5 @@
 """Membership inference on a defended model (Sha et al., "Fine-Tuning Is All You Need to Mitigate
-Backdoor Attacks", FTP §6.1 / thesis §3.5.1; METHODS.md §6.1, §8.2 and App. X.5).
+Backdoor Attacks", FTP §6.1 / thesis §3.5.1; docs/methods.md §6.1).
 
 Backdoor sequela, part 1: does a defense change how much the model leaks about its training data?
 The target is the output of any defense trainable (`defense`, default "sft", the paper's proposed
@@ -7,22 +7,22 @@ defense), or the backdoored model itself (`defense="none"`), or a clean model tr
 recipe (`defense="clean"`); see `SequelaConfig`. The defense runs as a cached stage, so a sweep of
 this trainable over every defense pays for each backdoored and each defended model once.
 
-Threat model and split (METHODS §6.1 [S], ML-Doctor's strongest adversary): the adversary knows
+Threat model and split (FTP §6.1 [S], docs/methods.md §6.1; ML-Doctor's strongest adversary): the adversary knows
 part of the training set (members) and part of the test set (non-members). Attack training = a
 random half of the test set + as many training samples; evaluation = the other half of the test
 set + as many *different* training samples (`secsweep.ops.mia.split_member_nonmember`; CIFAR-10:
 5,000 + 5,000 each). Members are queried as the clean training images with their true labels
-(METHODS: not stated; for `defense="none"` the poisoned 10 % were seen only triggered).
+(FTP: not stated; for `defense="none"` the poisoned 10 % were seen only triggered).
 
 Attacks, each reported on the evaluation half:
 * NN attack (§6.1): a three-layer network [S] on the posteriors, reported as `accuracy` (the paper's
   metric, on a balanced set), `auc`, `tpr`, `fpr`. Widths 64-32 with ReLU, Adam lr 0.01, 50 epochs are
-  SecurityNet's MLP attack (§8.2 [S] there; T ch.3 leaves them not stated); batch 128 is this
+  SecurityNet's MLP attack ([S] there; T ch.3 leaves them not stated); batch 128 is this
   platform's choice (not stated anywhere). Input `attack_input` (not stated in T ch.3, which says
   only "outputs"): "sorted" posteriors by default (one attack model for all classes, as in ML-Doctor),
   "full" (SecurityNet's default) or "top3" (SecurityNet's variant).
-* Metric attacks (§8.2, Song & Mittal): `confidence` (p_y), `entropy` (-H(p)), `mentr` (modified
-  entropy, App. X.5 [EXT]) and `correctness`; each thresholded at the value that maximises
+* Metric attacks (SecurityNet, Song & Mittal): `confidence` (p_y), `entropy` (-H(p)), `mentr` (modified
+  entropy, docs/methods.md §6.1 [EXT]) and `correctness`; each thresholded at the value that maximises
   balanced accuracy on the attack-training half (`fit_threshold`), reported as `<kind>_auc` and
   `<kind>_accuracy`.
 
@@ -64,8 +64,8 @@ from secsweep.training import probabilities
 @dataclass(frozen=True)
 class Config(SequelaConfig):
     attack_input: str = "sorted"    # NN attack input: full | sorted | top3 posteriors (T ch.3: not stated)
-    mia_epochs: int = 50            # NN attack training epochs (SecurityNet §8.2: 50)
-    mia_lr: float = 0.01            # NN attack Adam learning rate per step (SecurityNet §8.2: 0.01)
+    mia_epochs: int = 50            # NN attack training epochs (SecurityNet: 50)
+    mia_lr: float = 0.01            # NN attack Adam learning rate per step (SecurityNet: 0.01)
     mia_batch_size: int = 128       # NN attack samples per step (not stated; platform choice)
 
     def __post_init__(self) -> None:

@@ -1,5 +1,5 @@
 """Backdoor re-injection into a defended model (Sha et al., "Fine-Tuning Is All You Need to Mitigate
-Backdoor Attacks", FTP §6.2 / thesis §3.5.2; METHODS.md §6.2).
+Backdoor Attacks", FTP §6.2 / thesis §3.5.2; docs/methods.md §6.2).
 
 Backdoor sequela, part 2: after a defense removed the backdoor, how quickly does the same attack put
 it back? The adversary has white-box access to the defended model and re-uses exactly the original

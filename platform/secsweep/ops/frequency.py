@@ -5,10 +5,10 @@ Zeng, Park, Mao & Jia, "Rethinking the Backdoor Attacks' Triggers: A Frequency P
 frequency-domain detector finds; the paper's smooth trigger is instead a universal adversarial
 perturbation (UAP) towards the target class, computed on a clean model, whose spectrum is passed
 through a low-pass filter during the optimisation so that it has no high-frequency content.
-BackdoorBench's "LF" attack poisons 10 % of the training set (METHODS.md §4.1) with such a
+BackdoorBench's "LF" attack poisons 10 % of the training set (docs/methods.md §4.6) with such a
 precomputed trigger added to the image.
 
-METHODS.md §4.1 leaves the LF internals [NS] ("BackdoorBench defaults implied"). The paper's UAP
+FTP leaves the LF internals [NS] ("BackdoorBench defaults implied", docs/methods.md §4.6). The paper's UAP
 inner solver, filter window and budget are not reproduced here; this module makes its own [NS]
 choices, all exposed as arguments:
 * filter: an ideal (hard, circular) low-pass mask in the 2-D FFT domain, `cutoff` = normalised

@@ -7,7 +7,7 @@ L_div = ||x - x'|| / ||g(x) - g(x')|| keeps triggers input-specific, and a norm 
 masks sparse. During training, "cross" samples x * (1 - m(x')) + g(x') * m(x') (a trigger made
 for another input) keep their true labels, so a trigger only works on the input it was made for.
 
-METHODS.md §4.1 leaves the Inputaware internals [NS] ("BackdoorBench defaults implied"); the
+FTP leaves the Inputaware internals [NS] ("BackdoorBench defaults implied", docs/methods.md §4.5); the
 constants below are the paper's / BackdoorBench's published defaults. The optimisation loop
 (mask pre-training, then joint generator + classifier training) belongs in the trainable.
 Images are float tensors in [0, 1] shaped (N, C, H, W).
@@ -24,7 +24,7 @@ from torch import nn
 LAMBDA_DIV = 1.0  # weight of the diversity loss (paper / BackdoorBench default)
 LAMBDA_NORM = 100.0  # weight of the mask norm loss (paper / BackdoorBench default)
 MASK_DENSITY = 0.032  # target fraction of the mask's mass, dimensionless (paper / BackdoorBench)
-P_ATTACK = 0.1  # fraction of each batch poisoned with its own trigger (paper; METHODS.md §4.1: 0.1)
+P_ATTACK = 0.1  # fraction of each batch poisoned with its own trigger (paper; docs/methods.md §4.1: 0.1)
 P_CROSS = 0.1  # fraction of each batch given another input's trigger, true label kept (paper)
 # Cross samples per poisoned sample, BackdoorBench's parametrisation of p_cross = p_attack = 0.1.
 CROSS_RATIO = 1

@@ -1,4 +1,4 @@
-"""Metric definitions shared by every trainable (METHODS.md §2)."""
+"""Metric definitions shared by every trainable (docs/methods.md §2)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def asr_mask(labels: torch.Tensor, target: int, include_target_class: bool = Fal
 def attack_success_rate(
     pred_triggered: torch.Tensor, labels: torch.Tensor, target: int, include_target_class: bool = False
 ) -> float:
-    """ASR = #{f(t(x)) = target} / #counted, over triggered test inputs (METHODS.md §2).
+    """ASR = #{f(t(x)) = target} / #counted, over triggered test inputs (docs/methods.md §2.3).
 
     NaN when no input counts (an empty set, or only target-class inputs with the target class
     left out): the rate is undefined there, and 0 would read as a defense that worked.

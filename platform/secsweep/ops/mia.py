@@ -1,7 +1,7 @@
 """Membership inference: metric scores, the NN attack, the member/non-member split, evaluation.
 
-METHODS.md §6.1 (T ch.3 / FTP §6.1: NN-based attack on backdoored and defended models, ML-Doctor
-threat model) and §8.2 (SecurityNet: metric-based attacks of Song & Mittal and an MLP attack).
+docs/methods.md §6.1 (T ch.3 / FTP §6.1: NN-based attack on backdoored and defended models, ML-Doctor
+threat model, and SecurityNet: metric-based attacks of Song & Mittal and an MLP attack).
 Pure tensor code: posteriors in, scores / models / numbers out. Every score follows one
 convention: higher = more likely a member.
 """
@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 
 from secsweep import names
@@ -57,7 +59,7 @@ def _check_probs(probs: torch.Tensor, labels: torch.Tensor | None = None) -> Non
 
 def mentr(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Modified prediction entropy of Song & Mittal ("Systematic Evaluation of Privacy Risks of
-    Machine Learning Models", USENIX Security 2021); formula from METHODS.md App. X.5 [EXT]:
+    Machine Learning Models", USENIX Security 2021); formula in docs/methods.md §6.1 [EXT]:
 
         Mentr(p, y) = -(1 - p_y) log(p_y) - sum_{i != y} p_i log(1 - p_i)
 
@@ -82,7 +84,7 @@ def mentr(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def metric_scores(probs: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
-    """Metric-based membership scores, higher = more likely a member (METHODS.md §8.2).
+    """Metric-based membership scores, higher = more likely a member (SecurityNet; docs/methods.md §6.1).
 
     kind:
         "confidence": p_y, the posterior of the true class (Song & Mittal).
@@ -108,7 +110,7 @@ def metric_scores(probs: torch.Tensor, labels: torch.Tensor, kind: str) -> torch
 
 
 def split_member_nonmember(n_train: int, n_test: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Member / non-member index split of METHODS.md §6.1 (ML-Doctor protocol, T§3.5.1).
+    """Member / non-member index split of docs/methods.md §6.1 (ML-Doctor protocol, T§3.5.1).
 
     Attack training = a random half of the test set (non-members) + as many training samples
     (members); attack evaluation = the other half of the test set + as many *different* training
@@ -151,9 +153,9 @@ def attack_features(probs: torch.Tensor, kind: str = "sorted") -> torch.Tensor:
         "full": the posterior as is (SN §3.2's default input).
         "sorted": the posterior sorted in descending order. Invariant to which class is the true
             one, so one attack model serves all classes (as in ML-Doctor / Salem et al.). T ch.3
-            says only "outputs" (METHODS.md §6.1: input representation [NS]); "sorted" is this
+            says only "outputs" (docs/methods.md §6.1: input representation [NS]); "sorted" is this
             module's choice.
-        "top3": the three largest posteriors, descending (SN's top-3 variant, METHODS.md §8.2).
+        "top3": the three largest posteriors, descending (SN's top-3 variant, docs/methods.md §6.1).
 
     Returns:
         (N, K) for "full"/"sorted", (N, 3) for "top3".
@@ -172,8 +174,8 @@ def attack_features(probs: torch.Tensor, kind: str = "sorted") -> torch.Tensor:
 class MIAttackNet(nn.Module):
     """Three-layer MLP attack model: Linear(in, 64)-ReLU-Linear(64, 32)-ReLU-Linear(32, 1).
 
-    METHODS.md §6.1 states "three-layer neural network" [S] with widths [NS]; the widths 64/32
-    with ReLU are SecurityNet's MLP attack (§8.2). Outputs one membership logit per sample.
+    FTP §6.1 states "three-layer neural network" [S] with widths [NS]; the widths 64/32
+    with ReLU are SecurityNet's MLP attack (docs/methods.md §6.1). Outputs one membership logit per sample.
     """
 
     def __init__(self, in_features: int, hidden: tuple[int, int] = (64, 32)) -> None:
@@ -206,7 +208,7 @@ def train_attack(
 ) -> MIAttackNet:
     """Train an `MIAttackNet` on attack features of known members (label 1) and non-members (0).
 
-    Adam, lr 0.01, 50 epochs: SecurityNet's MLP attack (METHODS.md §8.2 [S]); T ch.3 leaves them
+    Adam, lr 0.01, 50 epochs: SecurityNet's MLP attack ([S] there; docs/methods.md §6.1); T ch.3 leaves them
     [NS]. Loss: binary cross-entropy on the logit ([NS] in both). Mini-batches of 128 shuffled
     samples ([NS]; 128 chosen here). Weight init and shuffling are seeded without touching the
     global RNG. The model is trained on the inputs' device and returned in eval mode.
@@ -273,19 +275,14 @@ def _check_scores(scores: torch.Tensor, is_member: torch.Tensor) -> None:
 
 
 def roc_auc(scores: torch.Tensor, is_member: torch.Tensor) -> float:
-    """Area under the ROC curve = P(score of a random member > that of a random non-member),
-    ties counted one half (Mann-Whitney U with average ranks). NaN if one group is empty."""
+    """Area under the ROC curve = P(score of a random member > that of a random non-member), ties
+    counted one half: scikit-learn's `roc_auc_score`. NaN if one group is empty (scikit-learn raises
+    there; an undefined AUC is reported as NaN, never as a number)."""
     _check_scores(scores, is_member)
     n_pos = int(is_member.sum())
-    n_neg = is_member.numel() - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_pos == is_member.numel():
         return math.nan
-    s = scores.detach().to("cpu", torch.float64)
-    uniq, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)
-    first_rank = torch.cumsum(counts, 0) - counts + 1  # 1-based rank of each distinct value's first copy
-    avg_rank = first_rank.to(torch.float64) + (counts.to(torch.float64) - 1.0) / 2.0
-    rank_sum = float(avg_rank[inverse][is_member.cpu()].sum())
-    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    return float(roc_auc_score(is_member.cpu().numpy(), scores.detach().to("cpu", torch.float64).numpy()))
 
 
 def threshold_accuracy(scores: torch.Tensor, is_member: torch.Tensor, threshold: float) -> float:
@@ -304,8 +301,8 @@ def evaluate_attack(
 
     Returns:
         {"accuracy", "balanced_accuracy", "auc", "tpr", "fpr"} — accuracy of "member iff
-        score >= threshold" (METHODS.md §6.1's metric; on the balanced §6.1 split it equals the
-        balanced accuracy, the mean of TPR and TNR), ROC-AUC (SN's metric, §8.2), and the
+        score >= threshold" (FTP's metric, docs/methods.md §6.1; on that balanced split it equals the
+        balanced accuracy, the mean of TPR and TNR), ROC-AUC (SN's metric), and the
         true/false positive rates at the threshold (NaN when a group is empty).
     """
     _check_scores(scores, is_member)
@@ -337,21 +334,17 @@ def fit_threshold(scores: torch.Tensor, is_member: torch.Tensor) -> float:
     n_neg = is_member.numel() - n_pos
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"is_member has {n_pos} members and {n_neg} non-members: both must be > 0")
-    s = scores.detach().to("cpu", torch.float64)
-    m = is_member.cpu()
-    uniq, inverse = torch.unique(s, return_inverse=True)  # ascending
-    pos_per_value = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inverse, m.double())
-    neg_per_value = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inverse, (~m).double())
-    # flagging every score >= uniq[j]: members caught / non-members caught, j = 0..U-1; j = U flags none
-    tp = torch.cat([pos_per_value.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
-    fp = torch.cat([neg_per_value.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
-    balanced = (tp / n_pos + 1.0 - fp / n_neg) / 2.0
-    best = int(torch.nonzero(balanced == balanced.max()).max())  # largest threshold among ties
-    if best == uniq.numel():
+    # roc_curve without dropping points: thresholds[i] runs over +inf and every distinct score, in
+    # descending order, and tpr[i] / fpr[i] are the rates of "member iff score >= thresholds[i]".
+    s = scores.detach().to("cpu", torch.float64).numpy()
+    fpr, tpr, thresholds = roc_curve(is_member.cpu().numpy(), s, drop_intermediate=False)
+    balanced = (tpr + 1.0 - fpr) / 2.0
+    best = int(np.flatnonzero(balanced == balanced.max())[0])  # first = largest threshold among ties
+    if math.isinf(thresholds[best]):
         return math.inf
-    if best == 0:
-        return float(uniq[0])
-    return float((uniq[best - 1] + uniq[best]) / 2.0)
+    if best == len(thresholds) - 1:
+        return float(thresholds[best])  # the smallest score: flag everyone
+    return float((thresholds[best] + thresholds[best + 1]) / 2.0)
 
 
 def best_threshold_accuracy(scores: torch.Tensor, is_member: torch.Tensor) -> float:

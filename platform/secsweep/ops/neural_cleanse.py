@@ -1,10 +1,10 @@
-"""Neural Cleanse trigger reverse-engineering and MAD outlier test (METHODS.md §5.3, §10.4).
+"""Neural Cleanse trigger reverse-engineering and MAD outlier test (docs/methods.md §5.6).
 
 Wang et al., "Neural Cleanse: Identifying and Mitigating Backdoor Attacks in Neural Networks"
 (IEEE S&P 2019). For every label, optimise the smallest mask m and pattern p such that
 (1 - m) * x + m * p is classified as that label; a label whose mask L1 norm is an outlier on the
-small side (anomaly index > 2) is the backdoor target. METHODS.md gives NC's settings only for
-SecurityNet (§10.4: 50 epochs, "their default threshold"); everything else is NC's default as
+small side (anomaly index > 2) is the backdoor target. FTP gives no NC setting; SecurityNet gives two
+(docs/methods.md §5.6: 50 epochs, "their default threshold"); everything else is NC's default as
 released by the authors, named in each docstring.
 
 Pure functions of a model and a tensor batch: no data loading, no device selection (everything runs
@@ -104,7 +104,7 @@ def reverse_engineer_trigger(
     Defaults: lr 0.1, init_cost 1e-3, asr_threshold 0.99, patience 5, cost multiplier 1.5,
     batch 32 — NC's released defaults. `steps` counts optimisation steps (mini-batches) and its
     default 200 is a CPU-sized smoke value, NOT a paper value: NC runs up to 1000 epochs of
-    ~31 mini-batches with early stopping, SecurityNet 50 epochs (METHODS.md §10.4); set it from
+    ~31 mini-batches with early stopping, SecurityNet 50 epochs (docs/methods.md §5.6); set it from
     the trainable's config. Simplifications: no early stopping (the full `steps` always run);
     the initial mask and pattern are seeded uniform draws in [0.01, 0.99].
 
@@ -256,7 +256,7 @@ def flagged_classes(norms: Sequence[float] | torch.Tensor, threshold: float = 2.
     """Classes NC flags as backdoor targets: norm below the median and anomaly index > threshold.
 
     threshold 2 is NC's (a normal's two-sigma rule, ~95 % confidence); SecurityNet uses "their
-    default threshold" (METHODS.md §10.4). Only small norms count: a target needs an abnormally
+    default threshold" (docs/methods.md §5.6). Only small norms count: a target needs an abnormally
     small trigger.
     """
     if not threshold > 0.0:

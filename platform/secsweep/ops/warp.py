@@ -7,9 +7,9 @@ the image is resampled through that grid. "Noise mode" cross samples use the sam
 per-sample random jitter and keep their true labels, so the model learns the exact warp rather
 than "any warp".
 
-METHODS.md §4.1 leaves the WaNet internals [NS] ("BackdoorBench defaults implied"); the defaults
+FTP leaves the WaNet internals [NS] ("BackdoorBench defaults implied", docs/methods.md §4.4); the defaults
 below are the WaNet paper's / BackdoorBench's published ones: k = 4, s = 0.5, grid rescale 1,
-cross ratio 2 (the poison ratio itself, 0.1, is stated in METHODS.md §4.1).
+cross ratio 2 (the poison ratio itself, 0.1, is FTP's, docs/methods.md §4.1).
 
 Grids follow `torch.nn.functional.grid_sample`: shape (N, H, W, 2), last dim (x, y) in normalised
 coordinates [-1, 1] with `align_corners=True` (-1 = centre of the first pixel, 1 = centre of the
