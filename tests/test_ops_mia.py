@@ -4,6 +4,7 @@ the §6.1 member/non-member split and the evaluation helpers."""
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -142,6 +143,28 @@ def test_fit_threshold_transfers_to_evaluation_set():
     assert fit_threshold(torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.tensor([True, True, False, False])) == 0.5
     # no signal: flagging nobody is as good as anything else and wins the tie
     assert fit_threshold(torch.tensor([1.0, 1.0]), torch.tensor([True, False])) == math.inf
+
+
+def test_fit_threshold_maximises_balanced_accuracy_over_every_candidate():
+    """Against brute force: every midpoint between distinct scores, below the minimum and above the
+    maximum; scores with many ties."""
+    g = torch.Generator().manual_seed(3)
+    for trial in range(20):
+        scores = torch.randint(0, 12, (60,), generator=g).double() / 4
+        is_member = torch.rand(60, generator=g) < 0.3 + 0.02 * trial
+        if is_member.all() or not is_member.any():
+            continue
+        uniq = torch.unique(scores).tolist()
+        candidates = [uniq[0]] + [(a + b) / 2 for a, b in zip(uniq, uniq[1:])] + [math.inf]
+
+        def balanced(t):  # exact fractions, so that ties are ties
+            pred = scores >= t
+            return (Fraction(int((pred & is_member).sum()), int(is_member.sum()))
+                    + Fraction(int((~pred & ~is_member).sum()), int((~is_member).sum()))) / 2
+
+        best = max(balanced(t) for t in candidates)
+        expected = max(t for t in candidates if balanced(t) == best)  # ties: the largest threshold
+        assert fit_threshold(scores, is_member) == expected
 
 
 def test_train_attack_does_not_touch_global_rng():

@@ -338,8 +338,11 @@ def fit_threshold(scores: torch.Tensor, is_member: torch.Tensor) -> float:
     # descending order, and tpr[i] / fpr[i] are the rates of "member iff score >= thresholds[i]".
     s = scores.detach().to("cpu", torch.float64).numpy()
     fpr, tpr, thresholds = roc_curve(is_member.cpu().numpy(), s, drop_intermediate=False)
-    balanced = (tpr + 1.0 - fpr) / 2.0
-    best = int(np.flatnonzero(balanced == balanced.max())[0])  # first = largest threshold among ties
+    # balanced accuracy (tp / n_pos + tn / n_neg) / 2 ranks like the integer tp * n_neg - fp * n_pos,
+    # which compares ties exactly
+    tp, fp = np.rint(tpr * n_pos).astype(np.int64), np.rint(fpr * n_neg).astype(np.int64)
+    gain = tp * n_neg - fp * n_pos
+    best = int(np.flatnonzero(gain == gain.max())[0])  # first = largest threshold among ties
     if math.isinf(thresholds[best]):
         return math.inf
     if best == len(thresholds) - 1:
