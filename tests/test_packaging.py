@@ -10,6 +10,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import torch
 
 torch.set_num_threads(1)
@@ -122,3 +123,55 @@ def test_every_test_import_is_declared_with_the_test_extra():
 def test_requires_python_allows_only_versions_with_tomllib():
     spec = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     assert spec.replace(" ", "") == ">=3.11"  # tomllib, used by these tests, is new in 3.11
+
+
+# -- the README's set-up commands ---------------------------------------------------------------
+
+def _readme_commands() -> list[str]:
+    """The README's two set-up commands (its first two ```bash blocks)."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    return [b.strip() for b in blocks[:2]]
+
+
+def _apt_steps(command: str) -> str:
+    return " && ".join(step for step in command.split(" && ") if "apt-get" in step)
+
+
+def _fake_bin(folder: Path, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("with_sudo", [False, True], ids=["root-without-sudo", "user-with-sudo"])
+def test_readme_apt_steps_work_with_and_without_sudo(tmp_path, with_sudo):
+    """Run the README's apt-get steps with a PATH holding only a recording apt-get (and a recording
+    sudo that runs its arguments): without sudo they must call apt-get directly, with it through sudo."""
+    log = tmp_path / "calls.txt"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_bin(bin_dir, "apt-get", f'echo "apt-get $*" >> {log}')
+    if with_sudo:
+        _fake_bin(bin_dir, "sudo", f'echo "sudo" >> {log}; "$@"')
+    for command in _readme_commands():
+        log.write_text("")
+        steps = _apt_steps(command)
+        assert steps.count("apt-get") == 2, command
+        proc = subprocess.run(["/bin/bash", "-c", steps], env={"PATH": str(bin_dir)}, capture_output=True,
+                              text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        calls = log.read_text().split("\n")[:-1]
+        apt = ["apt-get update", "apt-get install -y dataset-fashion-mnist"]
+        assert calls == (["sudo", apt[0], "sudo", apt[1]] if with_sudo else apt), calls
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run performs every step of the README's test command, in order (quiet flags aside)."""
+    def normal(step: str) -> str:
+        return re.sub(r"\s+-q{1,2}\b", "", step).strip()
+
+    steps = [normal(s) for s in _readme_commands()[1].split(" && ")]
+    ci = [normal(line) for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.lstrip().startswith("#")]
+    positions = [ci.index(step) for step in steps]  # ValueError = a README step CI does not run
+    assert positions == sorted(positions), (steps, ci)
