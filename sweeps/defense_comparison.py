@@ -6,6 +6,7 @@ backdoored model is trained once (a cached stage) and shared by all its defenses
     secsweep report defense_comparison             # table, scatter, cost and DER from MLflow
 """
 
+from secsweep.presets import paper_fixed, paper_grid
 from secsweep.sweep import Sweep, grid, main
 
 ATTACKS = ["badnets", "blended", "lf", "inputaware", "wanet"]
@@ -18,9 +19,8 @@ SWEEP = Sweep(
     fixed={"dataset": "fashion_mnist", "model": "smallcnn", "train_size": 10000, "attack_epochs": 6, "epochs": 2},
     grid=grid(trainable=DEFENSES, attack=ATTACKS),
     columns=("trainable", "attack", "asr", "clean_acc", "device_hours", "der", "auc"),
-    presets={"paper": {"fixed": {"dataset": "cifar10", "model": "preact_resnet18", "train_size": 0,
-                                 "attack_epochs": 200, "attack_lr": 0.001, "attack_batch_size": 256,
-                                 "batch_size": 256, "epochs": 20}}},
+    # FTP §4.4 recipe, each defense at its original budget (secsweep.presets; docs/paper_preset.md)
+    presets={"paper": {"fixed": paper_fixed(), "grid": paper_grid(grid(trainable=DEFENSES, attack=ATTACKS))}},
     smoke={"fixed": {"train_size": 2000, "attack_epochs": 1, "epochs": 1},
            "grid": grid(trainable=["sft", "spectral"], attack=["badnets"])},
 )

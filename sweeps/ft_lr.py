@@ -4,6 +4,7 @@ trigger gradually, 0.1 removes it within an epoch but costs clean accuracy. lr 0
 (attack) learning rate.
 """
 
+from secsweep.presets import paper_fixed
 from secsweep.sweep import Sweep, grid, main
 
 SWEEP = Sweep(
@@ -13,8 +14,7 @@ SWEEP = Sweep(
     fixed={"dataset": "fashion_mnist", "model": "smallcnn", "train_size": 20000, "attack_epochs": 3, "epochs": 3},
     grid=grid(attack=["badnets", "blended"], lr=[0.0, 1e-4, 1e-3, 1e-2, 0.1]),
     columns=("attack", "lr", "asr", "clean_acc", "device_hours"),
-    presets={"paper": {"fixed": {"dataset": "cifar10", "model": "preact_resnet18", "train_size": 0, "attack_epochs": 200,
-                                 "attack_lr": 0.001, "attack_batch_size": 256, "batch_size": 256, "epochs": 100}}},
+    presets={"paper": {"fixed": paper_fixed(epochs=100)}},  # FTP Fig. 8: 100 epochs of FT (secsweep.presets)
     smoke={"fixed": {"train_size": 3000, "attack_epochs": 2, "epochs": 1},
            "grid": grid(attack=["badnets"], lr=[1e-3, 0.1])},
 )

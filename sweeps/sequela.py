@@ -5,6 +5,7 @@ poison ratios down to 0.001 (paper: 0.1, 0.01, 0.001, 0.0001; `--preset paper`).
 Each defended model is a cached stage, computed once and attacked by every trial that needs it.
 """
 
+from secsweep.presets import paper_fixed, paper_grid
 from secsweep.sweep import Sweep, grid, main, variants
 
 DEFENSES = ["none", "ft", "sft", "fp", "nad", "nc", "abl", "ac", "spectral"]  # none = the backdoored model
@@ -20,14 +21,12 @@ SWEEP = Sweep(
     ),
     columns=("trainable", "defense", "reinject_ratio", "auc", "accuracy", "mentr_auc", "epochs_to_asr90", "asr",
              "clean_acc", "device_hours"),
-    presets={"paper": {
-        "fixed": {"attack": "badnets", "dataset": "cifar10", "model": "preact_resnet18", "train_size": 0,
-                  "attack_epochs": 200, "attack_lr": 0.001, "attack_batch_size": 256, "batch_size": 256,
-                  "epochs": 20, "reinject_epochs": 25},
-        "grid": variants(
+    presets={"paper": {  # FTP §4.4 recipe; every defended model at its defense's budget (secsweep.presets)
+        "fixed": paper_fixed(attack="badnets", reinject_epochs=25),
+        "grid": paper_grid(variants(
             grid(trainable=["mia"], defense=DEFENSES),
             grid(trainable=["reinjection"], defense=["clean", *DEFENSES], reinject_ratio=[0.1, 0.01, 0.001, 0.0001]),
-        ),
+        ), attack="badnets"),
     }},
     smoke={"fixed": {"train_size": 3000, "attack_epochs": 2, "epochs": 1, "reinject_epochs": 2},
            "grid": variants(grid(trainable=["mia"], defense=["sft"]),

@@ -7,6 +7,7 @@ LR_MAX1 x LR_MAX2 (FTP §3.2, §4.4, §5.3; docs/methods.md §5.2, §5.3, §5.11
 Each backdoored model is trained once (a cached stage) and shared by all its defense trials.
 """
 
+from secsweep.presets import paper_fixed, paper_grid
 from secsweep.sweep import Sweep, grid, main, variants
 
 ATTACKS = ["badnets", "blended"]
@@ -22,15 +23,13 @@ SWEEP = Sweep(
     columns=("trainable", "attack", "lr_max1", "lr_max2", "asr", "clean_acc", "device_hours"),
     presets={
         # FTP §4.4: PreAct-ResNet18 on CIFAR-10, backdoor training SGD lr 0.001, batch 256, 200 epochs;
-        # SFT LR_BASE 3e-4, LR_MAX1 0.1, LR_MAX2 0.001, phase 1 = 10 epochs, 500-step ramps.
+        # SFT LR_BASE 3e-4, LR_MAX1 0.1, LR_MAX2 0.001, phase 1 = 10 epochs, 500-step ramps (secsweep.presets).
         "paper": {
-            "fixed": {"dataset": "cifar10", "model": "preact_resnet18", "train_size": 0, "attack_epochs": 200,
-                      "attack_lr": 0.001, "attack_batch_size": 256, "batch_size": 256, "epochs": 20},
-            "grid": variants(
-                grid(trainable=["sft"], attack=ATTACKS, lr_max1=[0.1, 0.2, 0.3], lr_max2=[0.001, 0.005],
-                     phase1_epochs=[10], ramp_steps=[500]),
+            "fixed": paper_fixed(),
+            "grid": paper_grid(variants(
+                grid(trainable=["sft"], attack=ATTACKS, lr_max1=[0.1, 0.2, 0.3], lr_max2=[0.001, 0.005]),
                 grid(trainable=["ft"], attack=ATTACKS),
-            ),
+            )),
         },
     },
     smoke={

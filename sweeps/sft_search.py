@@ -8,6 +8,7 @@ OptunaSearch). The results table marks the Pareto front. `--asha` adds ASHA earl
 
 from ray import tune
 
+from secsweep.presets import DEFENSE_BUDGETS, paper_fixed
 from secsweep.sweep import Sweep, main
 
 SWEEP = Sweep(
@@ -28,9 +29,7 @@ SWEEP = Sweep(
     columns=("lr_base", "lr_max1", "lr_max2", "clean_fraction", "asr", "clean_acc", "device_hours"),
     presets={
         "paper": {
-            "fixed": {"attack": "badnets", "dataset": "cifar10", "model": "preact_resnet18", "train_size": 0,
-                      "attack_epochs": 200, "attack_lr": 0.001, "attack_batch_size": 256, "batch_size": 256,
-                      "epochs": 20, "phase1_epochs": 10, "ramp_steps": 500},
+            "fixed": paper_fixed(attack="badnets", **DEFENSE_BUDGETS["sft"]),  # secsweep.presets
             "num_samples": 64,
         },
     },

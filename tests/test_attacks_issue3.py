@@ -137,7 +137,7 @@ def test_wanet_training_set_has_poisoned_and_noise_mode_cross_samples(tmp_path):
     images, labels, cross = wanet.epoch_set(cfg, x, y, epoch=0)
     poisoned = labels != y
     expected = poison(x, y, trigger_of("wanet", cfg), ratio=cfg.poison_ratio, target=cfg.target_label, seed=cfg.seed)
-    # epoch 1 poisons exactly the samples a data-based defense is told about (Victim.poisoned_train_set)
+    # epoch 1 poisons exactly poison()'s samples for the seed (defenses see the LAST epoch's: tests/test_training_record.py)
     assert torch.equal(images[expected.poisoned], expected.images[expected.poisoned])
     assert torch.equal(labels, expected.labels)
     assert torch.equal(images[poisoned], warped[poisoned])

@@ -78,6 +78,6 @@ def retrain_without(cfg: DefenseConfig, ctx: Context, victim: Victim, pset: Pois
     model = fit(model, pset.images[keep], pset.labels[keep], ctx, epochs=cfg.epochs,
                 batch_size=cfg.attack_batch_size, seed=cfg.seed, lr_at=constant(cfg.attack_lr),
                 momentum=cfg.attack_momentum, weight_decay=cfg.attack_weight_decay,
-                evaluate=victim.evaluate, extra=extra)
+                evaluate=victim.evaluate, extra=extra, transform=cfg.train_transform())
     ctx.save_output("model", model.state_dict())
     return model

@@ -16,6 +16,8 @@ from secsweep.config import require
 from secsweep.ops.triggers import badnets
 from secsweep.registry import register
 
+VERSION = 2  # 2: the stage saves the `training_set` record (secsweep.trainset)
+
 
 @dataclass(frozen=True)
 class Config(VictimConfig):

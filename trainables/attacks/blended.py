@@ -18,6 +18,8 @@ from secsweep.config import require
 from secsweep.ops.triggers import blend_pattern, blended
 from secsweep.registry import register
 
+VERSION = 2  # 2: the stage saves the `training_set` record (secsweep.trainset)
+
 
 @dataclass(frozen=True)
 class Config(VictimConfig):

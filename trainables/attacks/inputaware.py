@@ -20,15 +20,20 @@ reports asr/clean_acc with the state of classifier, both generators and both opt
 restarted trial resumes where it stopped (mask pre-training is not repeated).
 
 Outputs: `model` (classifier), `generator` and `mask` (generator weights); the `trigger` hook
-rebuilds the trigger function from them.
+rebuilds the trigger function from them. `training_set` (secsweep.trainset, mode STORED): which
+samples the last epoch poisoned / crossed and their images as the classifier trained on them (the
+generator moves at every step, so they are stored, not regenerated); data-based defenses filter it.
+Training augmentation (`augment`, VictimConfig) acts on each assembled batch after the triggers;
+BackdoorBench's Input-Aware uses its own post-trigger transform (random crop 5 px, rotation 10
+degrees, flip on CIFAR-10) instead; rotation is not implemented here (docs/paper_preset.md).
 
 Defaults and their sources (docs/methods.md §4.5; FTP leaves all Inputaware internals [NS], "BackdoorBench
 defaults implied"; the values are the paper's / BackdoorBench's unless said otherwise):
 * poison_ratio 0.1 (= the paper's p_attack): FTP [S] (docs/methods.md §4.1), inherited from VictimConfig.
 * p_cross 0.1, lambda_div 1, lambda_norm 100, mask_density 0.032: paper / BackdoorBench.
 * generator_lr 0.01 (BackdoorBench lr_G = lr_M = 0.01), Adam betas (0.5, 0.9): the authors' code.
-* mask_pretrain_epochs 2: CPU-sized; the paper / BackdoorBench (clean_train_epochs) use 25 (set
-  it for the `paper` preset).
+* mask_pretrain_epochs 2: CPU-sized; the paper / BackdoorBench (clean_train_epochs) use 25, which
+  the `paper` preset sets (secsweep.presets.ATTACK_BUDGETS).
 * generator_width 0 = automatic: channels of the generators' first stage (widths w, 2w, 4w) as in
   the authors' code, 16 for one-channel data (their MNIST generator) and 32 for colour data
   (their CIFAR-10/GTSRB generator).
@@ -58,16 +63,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secsweep import data
+from secsweep import data, trainset
 from secsweep.backdoor import BackdoorEval, VictimConfig, build_victim_model, load_split, unwrap
 from secsweep.config import in_open_unit, one_of, positive, require
 from secsweep.names import EPOCH, LR
 from secsweep.ops import inputaware as ia
 from secsweep.ops.schedules import cosine
-from secsweep.ops.schedules import cosine
 from secsweep.registry import register
-from secsweep.training import epoch_order, set_lr, steps_per_epoch
+from secsweep.errors import ArtifactError
+from secsweep.training import augment_generator, epoch_order, set_lr, steps_per_epoch
 
+VERSION = 2  # 2: the stage saves the `training_set` record (secsweep.trainset)
 LR_SCHEDULES = ("cosine", "constant")
 GENERATOR_BETAS = (0.5, 0.9)  # Adam betas of both generators (authors' code)
 GREY_WIDTH = 16               # generator_width 0 on one-channel data (the authors' MNIST generator)
@@ -199,10 +205,14 @@ def pretrain_mask(cfg: Config, mask_gen: nn.Module, images: torch.Tensor, device
 
 def train_epoch(cfg: Config, ctx, model: nn.Module, gen: nn.Module, mask_gen: nn.Module,
                 images: torch.Tensor, labels: torch.Tensor, opt_c, opt_g, epoch: int, step: int,
-                scale: Callable[[int], float]) -> tuple[int, float]:
+                scale: Callable[[int], float], capture: dict | None = None) -> tuple[int, float]:
     """Stage 2, one epoch: backdoor + cross + clean samples per batch, learning rates times
-    `scale(step)`; returns (step after the epoch, mean loss)."""
+    `scale(step)`; returns (step after the epoch, mean loss). The batch the classifier sees is then
+    augmented (`cfg.train_transform()`, after the triggers). `capture`, if given, collects the
+    indices and the (pre-augmentation) images of this epoch's poisoned and cross samples."""
     model.train(), gen.train()
+    transform = cfg.train_transform()
+    aug_gen = augment_generator(cfg.seed, epoch, ctx.rank) if transform is not None else None
     n = len(labels)
     order = epoch_order(n, cfg.seed, epoch)
     order = order[ctx.shard(n)]
@@ -231,9 +241,15 @@ def train_epoch(cfg: Config, ctx, model: nn.Module, gen: nn.Module, mask_gen: nn
             targets.append(y[n_bd: n_bd + n_cross])
             if n_bd and cfg.lambda_div > 0:
                 loss_div = ia.diversity_loss(x[:n_bd], x2[:n_bd], p1, p2[:n_bd])
+            if capture is not None:
+                for key, idx, part in (("poisoned", b[:n_bd], parts[0]), ("cross", b[n_bd: n_bd + n_cross], parts[1])):
+                    capture.setdefault(key, []).append((idx.clone(), part.detach().cpu()))
         parts.append(x[n_bd + n_cross:])
         targets.append(y[n_bd + n_cross:])
-        loss = F.cross_entropy(model(torch.cat(parts)), torch.cat(targets)) + cfg.lambda_div * loss_div
+        inputs = torch.cat(parts)
+        if transform is not None:
+            inputs = transform(inputs, aug_gen)
+        loss = F.cross_entropy(model(inputs), torch.cat(targets)) + cfg.lambda_div * loss_div
         set_lr(opt_c, cfg.attack_lr * scale(step))
         set_lr(opt_g, cfg.generator_lr * scale(step))
         opt_c.zero_grad(set_to_none=True)
@@ -245,6 +261,40 @@ def train_epoch(cfg: Config, ctx, model: nn.Module, gen: nn.Module, mask_gen: nn
         total += loss.item() * len(b)
         count += len(b)
     return step, total / max(count, 1)
+
+
+def record_from_capture(cfg: Config, ctx, train, capture: dict) -> dict[str, torch.Tensor]:
+    """The `training_set` record (secsweep.trainset, mode STORED) of one epoch's `capture`: which
+    samples were poisoned / cross and their images as trained, gathered over all workers."""
+    pieces = {key: capture.get(key, []) for key in ("poisoned", "cross")}
+    if ctx.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered: list = [None] * ctx.world_size
+        torch.distributed.all_gather_object(gathered, pieces)
+        pieces = {key: [item for worker in gathered for item in worker[key]] for key in pieces}
+    n = len(train)
+    keys, idx_all, img_all = [], [], []
+    for rank_of_kind, key in enumerate(("poisoned", "cross")):
+        for idx, part in pieces[key]:
+            idx_all.append(idx)
+            img_all.append(part)
+            keys.append(torch.full((len(idx),), rank_of_kind))
+    idx = torch.cat(idx_all) if idx_all else torch.empty(0, dtype=torch.long)
+    kind = torch.cat(keys) if keys else torch.empty(0, dtype=torch.long)
+    imgs = torch.cat(img_all) if img_all else torch.empty((0, *train.shape))
+    # index order; a sample that DDP's padded shards gave two workers counts once, poisoned first
+    order = torch.argsort(idx * 2 + kind)
+    idx, kind, imgs = idx[order], kind[order], imgs[order]
+    first = torch.ones(len(idx), dtype=torch.bool)
+    first[1:] = idx[1:] != idx[:-1]
+    idx, kind, images = idx[first], kind[first], imgs[first]
+    masks = {key: torch.zeros(n, dtype=torch.bool) for key in ("poisoned", "cross")}
+    masks["poisoned"][idx[kind == 0]] = True
+    masks["cross"][idx[kind == 1]] = True
+    labels = train.labels.clone()
+    labels[masks["poisoned"]] = cfg.target_label
+    return trainset.make_record(train, labels=labels, true_labels=train.labels, poisoned=masks["poisoned"],
+                                cross=masks["cross"], epoch=cfg.attack_epochs - 1, mode=trainset.STORED,
+                                images=images)
 
 
 @register("inputaware", kind="attack", config=Config, trigger=trigger)
@@ -273,9 +323,14 @@ def run(cfg: Config, ctx) -> None:
         start, step = int(state["epoch"]), int(state["step"])
     else:
         pretrain_mask(cfg, mask_gen, train.images, ctx.device)
+    record = state.get(trainset.RECORD) if state else None  # restarted after the last epoch
     for epoch in range(start, cfg.attack_epochs):
+        last = epoch == cfg.attack_epochs - 1
+        capture: dict | None = {} if last else None
         step, loss = train_epoch(cfg, ctx, model, gen, mask_gen, train.images, train.labels, opt_c, opt_g,
-                                 epoch, step, scale)
+                                 epoch, step, scale, capture=capture)
+        if last:  # what the classifier trained on in the last epoch: the record defenses filter
+            record = record_from_capture(cfg, ctx, train, capture)
         evaluate = BackdoorEval.build(test, make_trigger(unwrap(gen), mask_gen), cfg.target_label,
                                       cfg.include_target_class, val=val)
         metrics = {EPOCH: epoch + 1, LR: cfg.attack_lr * scale(max(step - 1, 0)), "train_loss": loss,
@@ -284,7 +339,12 @@ def run(cfg: Config, ctx) -> None:
             "model": unwrap(model).state_dict(), "generator": unwrap(gen).state_dict(),
             "mask": mask_gen.state_dict(), "optimizer": opt_c.state_dict(),
             "generator_optimizer": opt_g.state_dict(), "epoch": epoch + 1, "step": step,
+            **({trainset.RECORD: record} if last else {}),
         })
+    if record is None:
+        raise ArtifactError("inputaware: restarted after its last epoch from a checkpoint without the "
+                            "training-set record; delete the trial's checkpoint to retrain")
     ctx.save_output("model", unwrap(model).state_dict())
+    ctx.save_output(trainset.RECORD, record)
     ctx.save_output("generator", unwrap(gen).state_dict())
     ctx.save_output("mask", mask_gen.state_dict())

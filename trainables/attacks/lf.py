@@ -73,7 +73,7 @@ def clean_config(cfg: Config) -> clean_model.Config:
         dataset=cfg.dataset, model=cfg.model, train_size=cfg.train_size, image_size=cfg.image_size,
         channels=cfg.channels, epochs=cfg.attack_epochs, lr=cfg.attack_lr, momentum=cfg.attack_momentum,
         weight_decay=cfg.attack_weight_decay, batch_size=cfg.attack_batch_size,
-        val_fraction=cfg.val_fraction, seed=cfg.seed,
+        val_fraction=cfg.val_fraction, augment=cfg.augment, augment_padding=cfg.augment_padding, seed=cfg.seed,
     )
 
 

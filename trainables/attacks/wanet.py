@@ -55,7 +55,6 @@ from secsweep.backdoor import BackdoorEval, VictimConfig, build_victim_model, fi
 from secsweep.config import one_of, positive, require
 from secsweep.ops import warp as warp_ops
 from secsweep.ops.schedules import cosine
-from secsweep.ops.schedules import cosine
 from secsweep.poison import poison
 from secsweep.registry import register
 from secsweep.training import steps_per_epoch

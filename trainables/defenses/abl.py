@@ -30,7 +30,7 @@ FTP states no hyperparameter (docs/methods.md §5.7) ("BackdoorBench defaults im
 * `isolation_epochs` = 2, `epochs` = 2 (DefenseConfig), `unlearning_epochs` = 5: CPU-sized. The paper
   isolates for T_te = 20 epochs (BackdoorBench `tuning_epochs: 20`, released code 10); the released
   code trains the rest for 60 epochs (BackdoorBench `finetuning_epochs: 60`) and unlearns for 5
-  (BackdoorBench 20). Set them in the paper preset.
+  (BackdoorBench 20). The paper preset sets BackdoorBench's 20 / 60 / 20 (secsweep.presets.DEFENSE_BUDGETS).
 * `lr` = 0 means the victim's attack_lr, for stages 1 and 2 (ABL: SGD lr 0.1 on WRN-16-1 with a
   step decay; a constant rate here). Batch size, momentum and weight decay are DefenseConfig's
   batch_size / momentum / weight_decay (ABL: 64, 0.9, 1e-4, Nesterov) for all three stages.
@@ -135,6 +135,7 @@ def run(cfg: Config, ctx: Context) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=cfg.effective_lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     lga = partial(lgA_loss, gamma=cfg.gamma, reduction=cfg.lga_reduction)
+    transform = cfg.train_transform()  # the victim recipe's augmentation, in all three stages (BackdoorBench's ABL too)
     t_iso, t_rest = cfg.isolation_epochs, cfg.isolation_epochs + cfg.epochs
     total = t_rest + cfg.unlearning_epochs
 
@@ -160,7 +161,7 @@ def run(cfg: Config, ctx: Context) -> None:
             lr, (images, labels), loss_fn = cfg.unlearning_lr, suspects, negative_ce
         set_lr(opt, lr)
         step, train_loss = train_epoch(model, images, labels, opt, ctx, batch_size=cfg.batch_size, seed=cfg.seed,
-                                       epoch=epoch, step=step, loss_fn=loss_fn)
+                                       epoch=epoch, step=step, loss_fn=loss_fn, transform=transform)
         if stage == 1:  # score the isolation this model would make; the last isolation epoch makes it
             losses = per_sample_loss(unwrap(model), pset.images, pset.labels, ctx.device)
             candidate = loss_isolation(losses, cfg.isolation_ratio)

@@ -141,6 +141,6 @@ def run(cfg: Config, ctx) -> None:
     }
     model = fit(model, data.images, data.labels, ctx, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
                 lr_at=constant(cfg.lr), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                evaluate=victim.evaluate, extra=extra)
+                evaluate=victim.evaluate, extra=extra, transform=cfg.train_transform())
     hook.remove()  # the zeroed head columns alone keep the channels pruned in the saved weights
     ctx.save_output("model", model.state_dict())

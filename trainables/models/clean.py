@@ -15,7 +15,9 @@ from secsweep import models as models_mod
 from secsweep.backdoor import build_victim_model, constant, fit, load_split
 from secsweep.config import one_of, positive, require
 from secsweep.names import CLEAN_ACC, DEVICE_HOURS, VAL_CLEAN_ACC
+from secsweep.ops import augment as augment_ops
 from secsweep.ops.metrics import accuracy
+from secsweep.presets import resolve_augment
 from secsweep.registry import register
 from secsweep.training import predict
 
@@ -33,6 +35,8 @@ class Config:
     weight_decay: float = 5e-4
     batch_size: int = 128        # samples per step (FTP §4.4: 256)
     val_fraction: float = 0.1    # fraction of the training data held out for validation (as the victim's)
+    augment: str = "none"        # training augmentation, as VictimConfig.augment
+    augment_padding: int = 4     # pixels of zero padding before the random crop, as VictimConfig
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -42,6 +46,8 @@ class Config:
         require(0.0 <= self.val_fraction <= 0.5, "val_fraction", self.val_fraction, "must be in [0, 0.5]")
         positive("lr", self.lr)
         positive("batch_size", self.batch_size)
+        one_of("augment", self.augment, (*augment_ops.AUGMENTATIONS, "auto"))
+        require(self.augment_padding >= 0, "augment_padding", self.augment_padding, "must be >= 0 pixels")
 
 
 @register("clean", kind="model", config=Config, metrics=(CLEAN_ACC, DEVICE_HOURS))
@@ -56,5 +62,6 @@ def run(cfg: Config, ctx) -> None:
 
     model = fit(build_victim_model(cfg, train), train.images, train.labels, ctx, epochs=cfg.epochs,
                 batch_size=cfg.batch_size, seed=cfg.seed, lr_at=constant(cfg.lr), momentum=cfg.momentum,
-                weight_decay=cfg.weight_decay, evaluate=evaluate)
+                weight_decay=cfg.weight_decay, evaluate=evaluate,
+                transform=augment_ops.augmentation(resolve_augment(cfg.augment, cfg.dataset), cfg.augment_padding))
     ctx.save_output("model", model.state_dict())

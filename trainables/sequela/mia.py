@@ -11,8 +11,10 @@ Threat model and split (FTP §6.1 [S], docs/methods.md §6.1; ML-Doctor's strong
 part of the training set (members) and part of the test set (non-members). Attack training = a
 random half of the test set + as many training samples; evaluation = the other half of the test
 set + as many *different* training samples (`secsweep.ops.mia.split_member_nonmember`; CIFAR-10:
-5,000 + 5,000 each). Members are queried as the clean training images with their true labels
-(FTP: not stated; for `defense="none"` the poisoned 10 % were seen only triggered).
+5,000 + 5,000 each). The member pool is the set of samples the attack recorded it trained on (its
+stage output `training_set`: the training split without the validation part), not a re-derived
+split. Members are queried as the clean training images with their true labels (FTP: not
+stated; for `defense="none"` the poisoned 10 % were seen only triggered).
 
 Attacks, each reported on the evaluation half:
 * NN attack (§6.1): a three-layer network [S] on the posteriors, reported as `accuracy` (the paper's
@@ -129,6 +131,13 @@ def membership_attacks(
     return out, net
 
 
+def member_pool(cfg: Config, victim) -> data_mod.ImageSet:
+    """The member pool: the training samples the attack recorded it trained on (its stage output
+    `training_set`, secsweep.trainset), queried clean with their true labels; for the "clean"
+    baseline, that model's own training split (the victim's clean split, same data and seed)."""
+    return victim.train if cfg.defense == "clean" else victim.members()
+
+
 METRICS = (ACCURACY, AUC, *(f"{k}_{m}" for k in METRIC_KINDS for m in (AUC, ACCURACY)),
            "train_acc", "overfit_gap", ASR, CLEAN_ACC, DEVICE_HOURS)
 
@@ -139,7 +148,7 @@ def run(cfg: Config, ctx) -> None:
     victim = load_defended(cfg, ctx)
     test = load_split(cfg, ctx, "test")
     metrics, net = membership_attacks(
-        victim.model, victim.train, test, ctx.device, seed=cfg.seed, attack_input=cfg.attack_input,
+        victim.model, member_pool(cfg, victim), test, ctx.device, seed=cfg.seed, attack_input=cfg.attack_input,
         epochs=cfg.mia_epochs, lr=cfg.mia_lr, batch_size=cfg.mia_batch_size,
     )
     backdoor = victim.evaluate(victim.model, ctx.device)

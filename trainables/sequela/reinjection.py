@@ -105,5 +105,5 @@ def run(cfg: Config, ctx) -> None:
     model = fit(victim.model, pset.images, pset.labels, tracker, epochs=cfg.reinject_epochs,
                 batch_size=cfg.attack_batch_size, seed=cfg.seed, lr_at=constant(cfg.attack_lr),
                 momentum=cfg.attack_momentum, weight_decay=cfg.attack_weight_decay,
-                evaluate=victim.evaluate, extra=base)
+                evaluate=victim.evaluate, extra=base, transform=cfg.train_transform())
     ctx.save_output("model", model.state_dict())
