@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -39,11 +41,13 @@ def test_asr_counts_predictions_equal_to_target_not_true_label():
     assert attack_success_rate(torch.full((4,), 7), labels, target=7) == 1.0
 
 
-def test_asr_with_only_target_class_samples_is_zero_by_default():
+def test_asr_over_no_counted_sample_is_nan_not_zero():
     labels = torch.tensor([5, 5, 5])
     pred = torch.tensor([5, 5, 5])
-    assert attack_success_rate(pred, labels, target=5) == 0.0
+    assert math.isnan(attack_success_rate(pred, labels, target=5))  # only target-class samples: none counts
     assert attack_success_rate(pred, labels, target=5, include_target_class=True) == 1.0
+    empty = torch.empty(0, dtype=torch.long)
+    assert math.isnan(attack_success_rate(empty, empty, target=0, include_target_class=True))
 
 
 def test_asr_mask():

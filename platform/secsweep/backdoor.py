@@ -141,7 +141,8 @@ class DefenseConfig(VictimConfig):
         values = {k: getattr(self, k) for k in VICTIM_FIELDS}
         values["seed"] = self.victim_seed
         values.update(self.attack_options)
-        return build(spec.config, values, what=f"attack {self.attack!r} (attack_options)")
+        return build(spec.config, values, what=f"attack {self.attack!r} (attack_options)",
+                     nested=("attack_options", self.attack_options))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -18,6 +19,8 @@ from typing import Any, TypeVar
 from .errors import ConfigError
 
 C = TypeVar("C")
+SEED_LIMIT = 2**31  # seeds are scaled (x 100_003, secsweep.training.epoch_order) and must stay in int64
+INT_LIMIT = 2**63
 
 
 def fail(field: str, value: Any, allowed: str) -> typing.NoReturn:
@@ -99,12 +102,19 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail(name, value, "must be a number")
+        if not math.isfinite(value):  # e.g. --set lr=1e999: no setting of a method is infinite
+            fail(name, value, "must be a finite number")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
-                return int(value)
-            fail(name, value, "must be an integer")
+                value = int(value)
+            else:
+                fail(name, value, "must be an integer")
+        if name == "seed" or name.endswith("_seed"):  # seeds feed torch generators (64-bit, scaled)
+            require(0 <= value < SEED_LIMIT, name, value, f"must be in 0..{SEED_LIMIT - 1}")
+        elif not -INT_LIMIT <= value < INT_LIMIT:
+            fail(name, value, "must fit in 64 bits")
         return value
     if tp is bool:
         if not isinstance(value, bool):
@@ -128,8 +138,26 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     return value
 
 
-def build(cls: type[C], values: Mapping[str, Any], *, what: str = "config") -> C:
-    """Construct `cls` from `values`: unknown keys, wrong types and invalid values raise ConfigError."""
+def build(cls: type[C], values: Mapping[str, Any], *, what: str = "config",
+          nested: tuple[str, Iterable[str]] | None = None) -> C:
+    """Construct `cls` from `values`: unknown keys, wrong types and invalid values raise ConfigError.
+
+    `nested=(field, keys)`: `values` came partly from the nested mapping `field` of an outer config
+    (e.g. a defense's `attack_options`); an error about one of its `keys` names it `field.key`.
+    """
+    if nested is None:
+        return _build(cls, values, what)
+    field, keys = nested[0], set(nested[1])
+    try:
+        return _build(cls, values, what)
+    except ConfigError as e:
+        name = str(e).split("=", 1)[0]
+        if name in keys:
+            raise ConfigError(f"{field}.{e}") from None
+        raise
+
+
+def _build(cls: type[C], values: Mapping[str, Any], what: str) -> C:
     types_ = field_types(cls)
     unknown = sorted(set(values) - set(types_))
     if unknown:

@@ -142,11 +142,11 @@ class Context:
         the trainable's module). The computation checkpoints every report that carries `state` into
         the stage's work folder, so a computation whose worker died resumes at its last epoch.
         """
+        t0 = time.monotonic()  # from here on: stage time, not charged to this trial (device_hours)
         from . import provenance, registry  # late: registry imports trainables, which import this module
 
         spec = registry.get(trainable)
         code = code_fingerprint([spec.fn.__module__])
-        t0 = time.monotonic()
 
         def compute(outdir: Path, workdir: Path):
             sub = LocalContext(

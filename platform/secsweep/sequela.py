@@ -46,7 +46,8 @@ class SequelaConfig(DefenseConfig):
                  "is a shared setting of defense and sequela; set it directly, not in defense_options")
         values = {k: getattr(self, k) for k in DEFENSE_FIELDS}
         values.update(self.defense_options)
-        return build(spec.config, values, what=f"defense {self.defense!r} (defense_options)")
+        return build(spec.config, values, what=f"defense {self.defense!r} (defense_options)",
+                     nested=("defense_options", self.defense_options))
 
     def clean_config(self):
         """Config of the "clean" model stage: the victim's data, architecture and training recipe."""

@@ -15,6 +15,7 @@ import datetime as _dt
 import itertools
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -166,8 +167,226 @@ def _check_objectives(sweep: Sweep) -> None:
         fail("selection", sweep.selection[0], "is won by a model that collapsed to chance; use val_der")
 
 
+# -- flags: every CLI value is checked here, before anything starts -------------------------------
+
+# MLflow tracking URI schemes secsweep accepts (a bare path is a local file store): the SQLAlchemy
+# databases MLflow supports (optionally with a +driver), a local file store, a tracking server, Databricks
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "file", "http", "https", "databricks")
+RAY_ADDRESS_HELP = "must be auto, local, ray://HOST:PORT or HOST:PORT"
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _can_write_in(folder: Path) -> bool:
+    """Try it (permission bits say nothing for root, or on read-only and virtual file systems):
+    create and remove an empty temporary folder in `folder`."""
+    import tempfile
+
+    try:
+        tempfile.TemporaryDirectory(dir=folder, prefix=".secsweep-write-test-").cleanup()
+        return True
+    except OSError:
+        return False
+
+
+def _check_writable_dir(flag: str, value: str) -> None:
+    """`value` is a folder this user can write in, or one that can be created (nothing is left behind)."""
+    path = Path(value).expanduser().absolute()
+    if path.exists():
+        if not path.is_dir():
+            fail(flag, value, "exists and is not a folder")
+        if not _can_write_in(path):
+            fail(flag, value, "is a folder this user cannot write in")
+        return
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        fail(flag, value, f"cannot be created: {base} is not a folder")
+    if not _can_write_in(base):
+        fail(flag, value, f"cannot be created: {base} is not writable")
+
+
+def _check_tracking_uri(uri: str) -> None:
+    from urllib.parse import urlsplit
+
+    flag = "--tracking-uri"
+    if not uri.strip():
+        fail(flag, uri, "must not be empty")
+    scheme = urlsplit(uri).scheme.lower() if "://" in uri or uri.startswith("file:") else ""
+    if not scheme or (len(scheme) == 1 and os.name == "nt"):  # a bare path: a local file store
+        _check_writable_dir(flag, str(Path(uri).expanduser().parent))
+        return
+    base = scheme.split("+", 1)[0]
+    if base not in TRACKING_SCHEMES:
+        fail(flag, uri, f"scheme {scheme!r} is not supported; allowed: {', '.join(TRACKING_SCHEMES)} or a bare path")
+    rest = uri[len(scheme) + 1:]
+    if base == "sqlite":
+        if not rest.startswith("///") or len(rest) == 3:
+            fail(flag, uri, "must be sqlite:///RELATIVE/PATH.db or sqlite:////ABSOLUTE/PATH.db")
+        db = Path(rest[3:]).expanduser()
+        folder = db.parent.absolute()
+        if not folder.is_dir():
+            fail(flag, uri, f"the database's folder {folder} does not exist (MLflow does not create it)")
+        if not _can_write_in(folder):
+            fail(flag, uri, f"the database's folder {folder} is not writable")
+    elif base == "file":
+        _check_writable_dir(flag, urlsplit(uri).path or ".")
+    elif base in ("http", "https", "postgresql", "mysql", "mssql") and not urlsplit(uri).netloc:
+        fail(flag, uri, f"a {base} URI needs a host, e.g. {base}://127.0.0.1:5000" if base.startswith("http")
+             else f"a {base} URI needs a host, e.g. {base}://user@host/db")
+
+
+def _check_ray_address(address: str) -> None:
+    import re
+
+    if address in ("auto", "local"):
+        return
+    m = re.fullmatch(r"(?:ray://)?\[?([A-Za-z0-9._:-]+?)\]?(?::(\d{1,5}))?", address)
+    if m is None or (not address.startswith("ray://") and m.group(2) is None):
+        fail("--address", address, RAY_ADDRESS_HELP)
+    if m.group(2) is not None and not 0 < int(m.group(2)) < 65536:
+        fail("--address", address, "port must be in 1..65535")
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Check every CLI flag (ranges, types, URI schemes, paths) before anything starts: one
+    `field=value: what is allowed` error (ConfigError) for the first bad one. Creates nothing.
+
+    GPUs: without --address the trials run on this machine, so --gpus-per-trial > 0 needs CUDA
+    devices here (torch.cuda.device_count()), enough for one trial; with --address the cluster is
+    asked after connecting (`check_cluster_gpus`), since an autoscaler may add GPU nodes later.
+    """
+    for dest, value in sorted(vars(args).items()):  # every float flag: no nan, no inf
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(_flag(dest), value, "must be a finite number")
+    if args.cpus_per_trial <= 0:
+        fail("--cpus-per-trial", args.cpus_per_trial, "must be > 0")
+    if args.num_workers < 1:
+        fail("--num-workers", args.num_workers, "must be >= 1")
+    if args.max_concurrent < 0:
+        fail("--max-concurrent", args.max_concurrent, "must be >= 0 (0: as many as resources allow)")
+    if args.max_failures < -1:
+        fail("--max-failures", args.max_failures, "must be >= 0, or -1 for unlimited retries")
+    gpus = args.gpus_per_trial
+    if gpus < 0:
+        fail("--gpus-per-trial", gpus, "must be >= 0")
+    if gpus > 1:
+        fail("--gpus-per-trial", gpus, "must be <= 1: a trial process uses one GPU (fractions share one); "
+             "for more GPUs per trial use --num-workers N (one GPU each)")
+    if args.num_workers > 1 and 0 < gpus < 1:
+        fail("--gpus-per-trial", gpus, f"must be 0 or 1 with --num-workers={args.num_workers}: each DDP worker "
+             "needs a GPU of its own (NCCL cannot put two ranks on one GPU)")
+    if gpus > 0 and args.address is None:
+        have = _local_gpus()
+        need = math.ceil(gpus * args.num_workers)
+        if have < need:
+            fail("--gpus-per-trial", gpus, f"needs {need} GPU(s) per trial and this machine has {have} "
+                 "(torch.cuda.device_count()); use 0 to run on CPUs, or --address to use a cluster")
+    if args.address is not None:
+        _check_ray_address(args.address)
+    if args.tracking_uri is not None:
+        _check_tracking_uri(args.tracking_uri)
+    if "://" in args.storage_path:
+        fail("--storage-path", args.storage_path, "must be a local or mounted folder (a shared file system on a cluster)")
+    _check_writable_dir("--storage-path", args.storage_path)
+    if args.data_root is not None:
+        if args.download:  # the download target: it may be created
+            _check_writable_dir("--data-root", args.data_root)
+        else:
+            _check_data_root(args.data_root)
+    if getattr(args, "tracking_drain_timeout", 0.0) < 0:
+        fail("--tracking-drain-timeout", args.tracking_drain_timeout, "must be >= 0 (seconds)")
+    if args.results_csv is not None:
+        csv = Path(args.results_csv).expanduser()
+        if csv.is_dir():
+            fail("--results-csv", args.results_csv, "is a folder; give a file path")
+        _check_writable_dir("--results-csv", str(csv.absolute().parent))
+
+
+def _check_data_root(value: str) -> None:
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        fail("--data-root", value, "is not an existing folder (add --download to fetch datasets into a new one)")
+
+
+def check_cluster_gpus(cluster_gpus: float, max_gpus: float | None, args: argparse.Namespace) -> str | None:
+    """With --address and --gpus-per-trial > 0: refuse (ConfigError) when the cluster cannot ever
+    provide a GPU, i.e. it has none now and its autoscaler's node types (`max_gpus`, from the cluster
+    config Ray's autoscaler publishes) have none either; return a warning when that cannot be told
+    (no autoscaler config visible: trials wait until a GPU node joins); None when GPUs are there or
+    can be added."""
+    gpus = args.gpus_per_trial
+    if gpus <= 0 or cluster_gpus > 0:
+        return None
+    if max_gpus is None:
+        return (f"--gpus-per-trial={gpus}: the cluster has no GPU now and no autoscaler config is visible; "
+                "trials stay pending until a node with GPUs joins")
+    if max_gpus <= 0:
+        fail("--gpus-per-trial", gpus, f"the cluster at --address={args.address} has no GPU and its autoscaler "
+             "has no node type with GPUs; use 0, or add a GPU worker type to the cluster config")
+    return None
+
+
+def cluster_gpu_check(args: argparse.Namespace) -> None:
+    """Connect to the cluster at --address, apply `check_cluster_gpus`, disconnect."""
+    if args.address is None or args.gpus_per_trial <= 0:
+        return
+    import ray
+
+    ray.init(address=args.address, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        have = float(ray.cluster_resources().get("GPU", 0.0))
+        most: float | None = None
+        try:  # the autoscaler's node types; Ray's own libraries read them this way (no public API yet)
+            from ray._private.state import state
+
+            limits = state.get_max_resources_from_cluster_config()
+            most = None if limits is None else float(limits.get("GPU", 0))
+        except Exception:  # noqa: BLE001 - a Ray without this call: cannot tell, so warn
+            most = None
+        warning = check_cluster_gpus(have, most, args)
+        if warning:
+            log.warning(warning)
+    finally:
+        ray.shutdown()
+
+
+def check_configs(configs: Sequence[Any], args: argparse.Namespace) -> None:
+    """Checks of built trial configs that involve the CLI: every dataset a config names (`dataset`,
+    `target_dataset`, any `*_dataset`) is available, and with --num-workers N every `*batch_size`
+    (a global batch, see secsweep.training.train_epoch) splits evenly over the N workers."""
+    seen: set[str] = set()
+    for cfg in configs:
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            if (f.name == "dataset" or f.name.endswith("_dataset")) and isinstance(value, str) and value not in seen:
+                seen.add(value)
+                try:
+                    data_mod.check_available(value, args.data_root, download=args.download)
+                except SecsweepError as e:  # name the field: it may be target_dataset, not dataset
+                    raise type(e)(f"{f.name}={value!r}: {e}") from None
+            if (f.name == "batch_size" or f.name.endswith("_batch_size")) and isinstance(value, int) \
+                    and args.num_workers > 1 and value % args.num_workers:
+                fail(f.name, value, f"must be divisible by --num-workers={args.num_workers}: it is the global "
+                     "batch (samples per optimizer step over all workers), split evenly across them")
+
+
 def plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
     """Merge preset, smoke-test and --set values into the sweep and validate every trial config."""
+    validate_args(args)
     if args.preset != "default" and args.preset not in sweep.presets:
         fail("--preset", args.preset, "must be one of " + ", ".join(["default", *sweep.presets]))
     preset = sweep.presets.get(args.preset, {})
@@ -238,13 +457,14 @@ def plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
         space = {k: v for k, v in space.items() if k not in overrides}
         fixed = {**fixed, **overrides}
         keys = list(space)
-        for corner in itertools.product(*(_domain_corners(space[k]) for k in keys)):
-            registry.get(name).build_config({**fixed, **dict(zip(keys, corner))})
+        configs = [registry.get(name).build_config({**fixed, **dict(zip(keys, corner))})
+                   for corner in itertools.product(*(_domain_corners(space[k]) for k in keys))]
         fixed[TRAINABLE_KEY] = name
         space_json = json.dumps({k: repr(v) for k, v in space.items()})
     datasets = {t.get("dataset") for t in trials} if trials else {fixed.get("dataset")}
     for ds in sorted(d for d in datasets if d) or [_default_dataset(trainables)]:
         data_mod.check_available(ds, args.data_root, download=args.download)
+    check_configs(configs, args)
     return Plan(sweep, fixed, trials, space, num_samples, space_json)
 
 
@@ -428,6 +648,7 @@ def run(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
         if args.resume:  # replay the saved command line; a conflicting flag stops here
             args = resume_args(sweep, argv, args)
         plan_ = plan(sweep, args)
+        cluster_gpu_check(args)  # --address with GPUs: can the cluster ever provide one?
     except SecsweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -42,14 +42,22 @@ def train_epoch(
 ) -> tuple[int, float]:
     """One pass over this worker's shard; `lr_at(step)` sets the learning rate before every step.
 
-    `batch_size` is per worker. Returns (global step after the epoch, mean training loss).
+    `batch_size` is GLOBAL: the samples of one optimizer step summed over all workers. Each of the
+    world_size workers takes batch_size // world_size of them (`ctx.worker_batch`; a batch that does
+    not split evenly is refused), and DDP averages their gradients, so a step of an N-worker trial
+    is the one-worker trial's step on the same samples (`ctx.shard`), and the steps per epoch, the
+    learning-rate schedule and the trial's result do not depend on the number of workers. Hence the
+    stage key (the config) needs no worker count. (Not bit-identical: BatchNorm statistics
+    are per worker's part of the batch, and float sums run in another order.)
+    Returns (global step after the epoch, mean training loss of this worker's samples).
     """
     model.train()
+    per_worker = ctx.worker_batch(batch_size)
     order = epoch_order(len(labels), seed, epoch)
     order = order[ctx.shard(len(order))]
     total, count = 0.0, 0
-    for i in range(0, len(order), batch_size):
-        b = order[i : i + batch_size]
+    for i in range(0, len(order), per_worker):
+        b = order[i : i + per_worker]
         x = images[b].to(ctx.device, non_blocking=True)
         y = labels[b].to(ctx.device, non_blocking=True)
         if lr_at is not None:
@@ -94,5 +102,8 @@ def probabilities(model: nn.Module, images: torch.Tensor, device: torch.device, 
 
 
 def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps of one epoch over `n` samples at the global batch `batch_size`:
+    ceil(n / batch_size) for every `world_size` that divides the batch (the shards are padded to a
+    multiple of world_size, which never crosses a multiple of the batch)."""
     per_worker = -(-n // world_size)
-    return max(1, -(-per_worker // batch_size))
+    return max(1, -(-per_worker // max(1, batch_size // world_size)))

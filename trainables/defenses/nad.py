@@ -181,8 +181,9 @@ def run(cfg: Config, ctx) -> None:
         order = epoch_order(len(data.labels), cfg.seed, epoch)
         order = order[ctx.shard(len(order))]
         ce_sum = at_sum = 0.0
-        for i in range(0, len(order), cfg.batch_size):
-            b = order[i : i + cfg.batch_size]
+        bs = ctx.worker_batch(cfg.batch_size)  # global batch split over workers
+        for i in range(0, len(order), bs):
+            b = order[i : i + bs]
             x, y = data.images[b].to(ctx.device), data.labels[b].to(ctx.device)
             set_lr(opt, cfg.lr)
             with torch.no_grad():
