@@ -100,3 +100,15 @@ def test_predecode_raises_for_a_missing_dataset(tmp_path, monkeypatch):
     cfg = registry.get("badnets").build_config({"dataset": "cifar10"})
     with pytest.raises(SecsweepError, match="cifar10"):
         predecode(cfg, RuntimeSettings(stage_root="", data_root=str(tmp_path)))
+
+
+def test_a_trial_holding_a_gpu_torch_cannot_see_fails_instead_of_running_on_cpu(monkeypatch):
+    import torch
+
+    from secsweep.errors import SecsweepError
+    from secsweep.runtime import pick_device
+
+    assert pick_device(0.0) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this CPU machine
+    with pytest.raises(SecsweepError, match="--gpus-per-trial=0.5: this trial holds a GPU but torch sees none"):
+        pick_device(0.5)

@@ -39,3 +39,12 @@ def test_reports_show_nan_as_nan(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "nan" in md.lower() and "| 0 " not in md
     assert math.isnan(pd.read_csv(tmp_path / "results.csv")["asr"][0])
+
+
+def test_der_of_an_undefined_asr_is_nan():
+    from secsweep.ops.metrics import der, with_der
+
+    assert math.isnan(der(0.9, float("nan"), 0.8, 0.8))
+    assert math.isnan(der(float("nan"), 0.1, 0.8, 0.8))
+    out = with_der({"asr_before": 0.9, "asr": float("nan"), "clean_acc_before": 0.8, "clean_acc": 0.8})
+    assert math.isnan(out["der"])

@@ -77,7 +77,17 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(gpus: float) -> str:
-    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+    """"cuda" for a trial that holds GPUs, else "cpu". A trial that holds a GPU torch cannot see fails
+    rather than train on the CPU while it is charged GPU-hours (the sweep refuses --gpus-per-trial
+    without GPUs before launch; this is a node whose CUDA set-up is broken)."""
+    if gpus <= 0:
+        return "cpu"
+    if not torch.cuda.is_available():
+        from .errors import SecsweepError
+
+        raise SecsweepError(f"--gpus-per-trial={gpus}: this trial holds a GPU but torch sees none "
+                            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    return "cuda"
 
 
 def write_checkpoint_dir(directory: Path, state: dict | None, artifacts: Path | None) -> Path:

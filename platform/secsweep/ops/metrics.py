@@ -41,7 +41,10 @@ def der(asr_before: float, asr_after: float, acc_before: float, acc_after: float
     """Defense effectiveness rating, [max(0, dASR) - max(0, dACC) + 1] / 2, in [0, 1].
 
     dASR = drop of the attack success rate, dACC = drop of clean accuracy (BackdoorBench).
+    NaN when any input is NaN (an undefined ASR), not the value max(0, NaN) = 0 would give.
     """
+    if any(v != v for v in (asr_before, asr_after, acc_before, acc_after)):
+        return float("nan")
     return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0
 
 
