@@ -175,3 +175,41 @@ def test_ci_runs_the_readme_test_command():
           if line.strip() and not line.lstrip().startswith("#")]
     positions = [ci.index(step) for step in steps]  # ValueError = a README step CI does not run
     assert positions == sorted(positions), (steps, ci)
+
+
+# -- citations of docs/methods.md and docs/design.md ---------------------------------------------
+
+def _cited_files() -> list[Path]:
+    files = [ROOT / "README.md", ROOT / "cluster.yaml"]
+    for folder in ("platform", "trainables", "sweeps", "tests", "bench", "docs"):
+        files += [p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".md", ".yaml")]
+    return [p for p in files if p.is_file()]
+
+
+def test_every_docs_citation_names_an_existing_section():
+    """`docs/methods.md §5.3` and `docs/design.md "Stages and their artifacts"` must point at a
+    heading of that file, so the repository's citations stay meaningful when the docs change."""
+    methods = (ROOT / "docs" / "methods.md").read_text()
+    sections = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", methods, flags=re.M))
+    headings = set(re.findall(r"^## (.+)$", (ROOT / "docs" / "design.md").read_text(), flags=re.M))
+    assert {"2.3", "5.3", "6.1"} <= sections and "Stages and their artifacts" in headings
+    bad, seen = [], 0
+    for path in _cited_files():
+        text = path.read_text(errors="replace")
+        for m in re.finditer(r"docs/methods\.md([\s§0-9.,/\-–]*)", text):
+            for sec in re.findall(r"§(\d+(?:\.\d+)?)", m.group(1)):
+                seen += 1
+                if sec.rstrip(".") not in sections:
+                    bad.append(f"{path.relative_to(ROOT)}: docs/methods.md §{sec}")
+        for m in re.finditer(r"docs/design\.md,? [\"']([^\"']+)[\"']", text):
+            seen += 1
+            if m.group(1) not in headings:
+                bad.append(f"{path.relative_to(ROOT)}: docs/design.md {m.group(1)!r}")
+    assert seen > 50  # the scan finds the citations
+    assert not bad, bad
+
+
+def test_no_citation_of_files_outside_the_repository():
+    pattern = re.compile(r"\.\./shared|METHODS\.md|DESIGN\.md")
+    hits = [str(p.relative_to(ROOT)) for p in _cited_files() if pattern.search(p.read_text(errors="replace"))]
+    assert not hits, hits
