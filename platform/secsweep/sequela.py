@@ -56,6 +56,7 @@ class SequelaConfig(DefenseConfig):
             "image_size": self.image_size, "channels": self.channels, "epochs": self.attack_epochs,
             "lr": self.attack_lr, "momentum": self.attack_momentum, "weight_decay": self.attack_weight_decay,
             "batch_size": self.attack_batch_size, "val_fraction": self.val_fraction, "seed": self.victim_seed,
+            "augment": self.augment, "augment_padding": self.augment_padding,
         })
 
 

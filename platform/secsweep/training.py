@@ -21,6 +21,12 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+def augment_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """The CPU generator of an epoch's data augmentation on worker `rank`, apart from
+    `epoch_order`'s seeds (seed * 100_003 + epoch) so the crops do not follow the batch order."""
+    return torch.Generator().manual_seed(seed * 100_003 + 90_001 + epoch * 1_009 + rank)
+
+
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for group in opt.param_groups:
         group["lr"] = lr
@@ -39,8 +45,14 @@ def train_epoch(
     step: int = 0,
     lr_at: Callable[[int], float] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
 ) -> tuple[int, float]:
     """One pass over this worker's shard; `lr_at(step)` sets the learning rate before every step.
+
+    `transform(x, generator)`, if given, is applied to every batch once it is on the device (data
+    augmentation, `secsweep.ops.augment`); its generator is seeded by (seed, epoch, rank)
+    (`augment_generator`), so an epoch's augmentations are the same after a restart and differ
+    from epoch to epoch.
 
     `batch_size` is GLOBAL: the samples of one optimizer step summed over all workers. Each of the
     world_size workers takes batch_size // world_size of them (`ctx.worker_batch`; a batch that does
@@ -56,10 +68,13 @@ def train_epoch(
     order = epoch_order(len(labels), seed, epoch)
     order = order[ctx.shard(len(order))]
     total, count = 0.0, 0
+    aug_gen = augment_generator(seed, epoch, ctx.rank) if transform is not None else None
     for i in range(0, len(order), per_worker):
         b = order[i : i + per_worker]
         x = images[b].to(ctx.device, non_blocking=True)
         y = labels[b].to(ctx.device, non_blocking=True)
+        if transform is not None:
+            x = transform(x, aug_gen)
         if lr_at is not None:
             set_lr(opt, lr_at(step))
         loss = loss_fn(model(x), y)

@@ -21,7 +21,8 @@ Defaults and where they come from:
   digits (maps 8/4/2) they make the student collapse at lr 0.01 (clean accuracy ~0.2): divide
   them by ~16 there (as tests/test_defenses_repair.py does).
 * ``teacher_lr`` 0.01: BackdoorBench's NAD learning rate (``lr: 0.01``). ``teacher_epochs`` 2:
-  CPU-sized; NAD and BackdoorBench fine-tune the teacher for 10 epochs (``te_epochs: 10``). At CPU
+  CPU-sized; NAD and BackdoorBench fine-tune the teacher for 10 epochs (``te_epochs: 10``), which
+  the paper preset sets (secsweep.presets.DEFENSE_BUDGETS). At CPU
   scale 2 epochs at 0.01 leave the teacher backdoored (digits: ASR 0.92); 0.1 works there.
 * ``lr`` 0.01: student learning rate per step, constant: BackdoorBench's ``lr: 0.01`` (there with
   cosine annealing); NAD's code starts at 0.1 and divides by 10 in steps over 20 epochs.
@@ -55,7 +56,7 @@ from secsweep.backdoor import DefenseConfig, clean_subset, load_victim, report_b
 from secsweep.config import fail, positive, require
 from secsweep.names import ASR, CLEAN_ACC, DEVICE_HOURS, EPOCH, LR
 from secsweep.registry import register
-from secsweep.training import epoch_order, set_lr
+from secsweep.training import augment_generator, epoch_order, set_lr
 
 AT_LOSS = "nad_at_loss"
 GAP_IMAGES = 512  # clean test images on which the attention gap is measured
@@ -113,11 +114,16 @@ def finetune_teacher(teacher: nn.Module, images: torch.Tensor, labels: torch.Ten
     opt = torch.optim.SGD(teacher.parameters(), lr=cfg.teacher_lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     teacher.train()
+    transform = cfg.train_transform()
     for epoch in range(cfg.teacher_epochs):
         order = epoch_order(len(labels), cfg.seed + 1, epoch)  # not the student's batch order
+        aug_gen = augment_generator(cfg.seed + 1, epoch)
         for i in range(0, len(order), cfg.batch_size):
             b = order[i : i + cfg.batch_size]
-            loss = F.cross_entropy(teacher(images[b].to(device)), labels[b].to(device))
+            x = images[b].to(device)
+            if transform is not None:
+                x = transform(x, aug_gen)
+            loss = F.cross_entropy(teacher(x), labels[b].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -171,6 +177,7 @@ def run(cfg: Config, ctx) -> None:
         extra["nad_attention_gap_before"] = attention_gap(bare, teacher, s_taps, t_taps, gap_images, ctx.device, cfg.p)
 
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    transform = cfg.train_transform()  # the victim recipe's augmentation (secsweep.ops.augment)
     start = 0
     if state is not None and "model" in state:
         bare.load_state_dict(state["model"])
@@ -181,10 +188,13 @@ def run(cfg: Config, ctx) -> None:
         order = epoch_order(len(data.labels), cfg.seed, epoch)
         order = order[ctx.shard(len(order))]
         ce_sum = at_sum = 0.0
+        aug_gen = augment_generator(cfg.seed, epoch, ctx.rank)
         bs = ctx.worker_batch(cfg.batch_size)  # global batch split over workers
         for i in range(0, len(order), bs):
             b = order[i : i + bs]
             x, y = data.images[b].to(ctx.device), data.labels[b].to(ctx.device)
+            if transform is not None:  # student and teacher see the same augmented batch
+                x = transform(x, aug_gen)
             set_lr(opt, cfg.lr)
             with torch.no_grad():
                 teacher(x)
