@@ -367,9 +367,12 @@ def cluster_gpu_check(args: argparse.Namespace) -> None:
 def check_configs(configs: Sequence[Any], args: argparse.Namespace) -> None:
     """Checks of built trial configs that involve the CLI: every dataset a config names (`dataset`,
     `target_dataset`, any `*_dataset`) is available, and with --num-workers N every `*batch_size`
-    (a global batch, see secsweep.training.train_epoch) splits evenly over the N workers."""
+    the trial trains with (a global batch, see secsweep.training.train_epoch) splits evenly over the
+    N workers. A defense's `attack_batch_size` is exempt: its attack runs as a one-process stage."""
     seen: set[str] = set()
+    kinds = {registry.get(n).config: registry.get(n).kind for n in registry.names()}
     for cfg in configs:
+        upstream_only = {"attack_batch_size"} if kinds.get(type(cfg)) == "defense" else set()
         for f in dataclasses.fields(cfg):
             value = getattr(cfg, f.name)
             if (f.name == "dataset" or f.name.endswith("_dataset")) and isinstance(value, str) and value not in seen:
@@ -378,8 +381,8 @@ def check_configs(configs: Sequence[Any], args: argparse.Namespace) -> None:
                     data_mod.check_available(value, args.data_root, download=args.download)
                 except SecsweepError as e:  # name the field: it may be target_dataset, not dataset
                     raise type(e)(f"{f.name}={value!r}: {e}") from None
-            if (f.name == "batch_size" or f.name.endswith("_batch_size")) and isinstance(value, int) \
-                    and args.num_workers > 1 and value % args.num_workers:
+            if (f.name == "batch_size" or f.name.endswith("_batch_size")) and f.name not in upstream_only \
+                    and isinstance(value, int) and args.num_workers > 1 and value % args.num_workers:
                 fail(f.name, value, f"must be divisible by --num-workers={args.num_workers}: it is the global "
                      "batch (samples per optimizer step over all workers), split evenly across them")
 
