@@ -103,3 +103,18 @@ def test_dataset_inputs_digest_follows_the_data_config():
     assert json.loads(inputs[0]["source"])["config"]["train_size"] == 20000
     assert pv.dataset_inputs({"lr": 0.1}) == []
     assert pv.dataset_inputs({**base, "target_dataset": "digits"})[-1]["name"] == "digits/train"
+
+
+def test_experiment_opens_on_training_runs(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from secsweep.tracking import experiment_id, ui_url
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    new = experiment_id(client, "fresh")
+    assert client.get_experiment(new).tags["mlflow.experimentKind"] == "custom_model_development"
+    old = client.create_experiment("made_earlier")  # before secsweep set the tag
+    assert experiment_id(client, "made_earlier") == old
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert ui_url("http://127.0.0.1:5000/", "7") == "http://127.0.0.1:5000/#/experiments/7?workflowType=machine_learning"
+    assert ui_url(f"sqlite:///{tmp_path}/m.db", "7").startswith("http://127.0.0.1:5000/#/experiments/7?")

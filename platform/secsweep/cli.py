@@ -23,6 +23,9 @@ def _report(args) -> int:
         ParentRun(client, parent.info.run_id).log_artifacts(paths)
     print((out / "per_defense.md").read_text() if (out / "per_defense.md").exists() else (out / "results.md").read_text())
     print(f"\nwrote {', '.join(p.name for p in paths)} to {out}/" + ("" if args.no_log else f" and to MLflow run {parent.info.run_id}"))
+    from .tracking import ui_url
+
+    print(f"runs in the MLflow UI: {ui_url(resolve_tracking_uri(args.tracking_uri), parent.info.experiment_id)}")
     return 0
 
 
