@@ -29,8 +29,9 @@ Defaults and where they come from:
   held-out part of the defender's data (no test-set leakage).
 * ``max_prune_ratio`` 0.8: a secsweep safety cap (not a paper value): never prune more than 80 % of
   the channels even if the accuracy criterion allows it. 1.0 disables the cap.
-* ``val_fraction`` 0.1: fraction of the defender's clean data held out to rank channels and to
-  measure the accuracy drop while pruning (Liu et al.: a validation set, size not stated).
+* ``prune_holdout`` 0.1: fraction of the defender's clean data held out to rank channels and to
+  measure the accuracy drop while pruning (Liu et al.: a validation set, size not stated). It is
+  separate from the sweep's validation split (`val_fraction`), which only scores the defended model.
 * ``lr`` 0.01: BackdoorBench's FP fine-tuning learning rate (``lr: 0.01``, there with cosine
   annealing over 100 epochs; constant here so sweeps control it directly). Liu et al.: not stated.
 * ``epochs``, ``batch_size``, ``momentum``, ``weight_decay``, ``clean_fraction``: DefenseConfig's
@@ -67,14 +68,14 @@ class Config(DefenseConfig):
     lr: float = 0.01              # fine-tuning learning rate per step, constant (BackdoorBench FP: 0.01)
     acc_ratio: float = 0.1        # stop pruning at this relative validation-accuracy drop (BackdoorBench FP: 0.1)
     max_prune_ratio: float = 0.8  # most channels of the last conv layer pruned, fraction (secsweep cap)
-    val_fraction: float = 0.1     # fraction of the defender's clean data held out for pruning (not stated)
+    prune_holdout: float = 0.1    # fraction of the defender's clean data held out for pruning (not stated)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         positive("lr", self.lr)
         in_open_unit("acc_ratio", self.acc_ratio)
         in_half_open_unit("max_prune_ratio", self.max_prune_ratio)
-        in_open_unit("val_fraction", self.val_fraction)
+        in_open_unit("prune_holdout", self.prune_holdout)
 
 
 def held_out(data: ImageSet, fraction: float, seed: int) -> ImageSet:
@@ -126,7 +127,7 @@ def run(cfg: Config, ctx) -> None:
     base = report_before(victim, ctx)
     model = victim.model
     pruned, val_before, val_pruned = prune_channels(
-        model, held_out(data, cfg.val_fraction, cfg.seed), ctx.device,
+        model, held_out(data, cfg.prune_holdout, cfg.seed), ctx.device,
         acc_ratio=cfg.acc_ratio, max_prune_ratio=cfg.max_prune_ratio)
     hook = apply_pruning(model, pruned)
     after = victim.evaluate(model, ctx.device)
