@@ -107,3 +107,14 @@ def test_cluster_gpu_decision():
     with pytest.raises(ConfigError, match="--gpus-per-trial=0.5: the cluster .* has no GPU"):
         sw.check_cluster_gpus(0.0, 0.0, args)
     assert sw.check_cluster_gpus(0.0, 0.0, argparse.Namespace(gpus_per_trial=0.0, address="auto")) is None
+
+
+@pytest.mark.parametrize("uri", ["sqlite:///mlflow.db", "sqlite:///{tmp}/m.db", "sqlite:///{tmp}/new/../m.db",
+                                 "http://127.0.0.1:5000", "https://mlflow.example.org", "databricks",
+                                 "databricks://profile", "postgresql+psycopg2://u@db/mlflow", "file:///{tmp}/mlruns",
+                                 "{tmp}/mlruns"])
+def test_good_tracking_uris_pass(isolated, uri):
+    """The allowed set: SQLAlchemy databases (sqlite, postgresql, mysql, mssql, +driver), file stores
+    (file: or a bare path), tracking servers (http, https), Databricks."""
+    (isolated / "empty" / "new").mkdir()
+    sw._check_tracking_uri(uri.replace("{tmp}", str(isolated / "empty")))

@@ -218,6 +218,8 @@ def _check_tracking_uri(uri: str) -> None:
 
     flag = "--tracking-uri"
     if not uri.strip():
+    if uri == "databricks":  # MLflow's name for the default Databricks profile
+        return
         fail(flag, uri, "must not be empty")
     scheme = urlsplit(uri).scheme.lower() if "://" in uri or uri.startswith("file:") else ""
     if not scheme or (len(scheme) == 1 and os.name == "nt"):  # a bare path: a local file store
