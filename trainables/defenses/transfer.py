@@ -26,6 +26,8 @@ from secsweep.backdoor import (
     BackdoorEval, DefenseConfig, SFTSchedule, build_victim_model, constant, fit, load_split,
 )
 from secsweep.config import one_of, require
+from secsweep.ops import augment as augment_ops
+from secsweep.presets import resolve_augment
 from secsweep.names import ASR, CLEAN_ACC, EPOCH, IMPLANTED, VAL_ASR, VAL_CLEAN_ACC
 from secsweep.registry import register
 from secsweep.training import epoch_order, features, predict, steps_per_epoch
@@ -140,6 +142,9 @@ def run(cfg: Config, ctx) -> None:
     # the checkpoints carry the target class, so a restarted trial measures against the same one
     model = fit(model, train.images, train.labels, ctx, epochs=cfg.epochs, batch_size=cfg.batch_size,
                 seed=cfg.seed, lr_at=lr_at, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                evaluate=evaluate, extra=base, extra_state=base)
+                evaluate=evaluate, extra=base, extra_state=base,
+                # the recipe's augmentation, "auto" resolved for the downstream data (CIFAR-10: crop + flip)
+                transform=augment_ops.augmentation(resolve_augment(cfg.augment, cfg.target_dataset),
+                                                   cfg.augment_padding))
     ctx.save_output("model", model.state_dict())
 
