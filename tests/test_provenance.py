@@ -73,6 +73,8 @@ def test_driver_environment_wins_and_round_trips(repo, tmp_path, monkeypatch):
     root, head = repo
     env = pv.worker_env("sft_grid-20260101-000000", pv.Provenance(head, True, "git"))
     assert env[pv.SWEEP_ENV] == "sft_grid-20260101-000000"
+    monkeypatch.setenv("SECSWEEP_STAGE_LOCK_TIMEOUT_S", "120")
+    assert pv.worker_env()["SECSWEEP_STAGE_LOCK_TIMEOUT_S"] == "120"  # reaches trials on other nodes
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert pv.compute(tmp_path) == pv.Provenance(head, True, "env")  # a trial process without .git

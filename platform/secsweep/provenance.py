@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 ENV = "SECSWEEP_PROVENANCE"          # JSON of Provenance.as_dict(), set by the driver for the trials
 SWEEP_ENV = "SECSWEEP_SWEEP"         # the sweep's results folder name, set by the driver for the trials
 FILE_NAME = ".secsweep-provenance.json"
+FORWARDED_ENV = ("SECSWEEP_STAGE_LOCK_TIMEOUT_S",)  # driver environment variables trials also need
 REPO_ROOT = Path(__file__).resolve().parents[2]  # platform/secsweep/provenance.py -> the repository
 UNKNOWN = "unknown"
 
@@ -166,12 +167,24 @@ def current() -> Provenance:
     return prov
 
 
+def script_name(path: str | os.PathLike) -> str:
+    """A sweep script as runs name it (mlflow.source.name): relative to the repository if inside it."""
+    p = Path(path).resolve() if path else Path("")
+    try:
+        return p.relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return str(p)
+
+
 def worker_env(sweep: str | None = None, prov: Provenance | None = None) -> dict[str, str]:
     """Environment variables the driver gives every trial process (Ray runtime_env env_vars)."""
     prov = prov or current()
     env = {ENV: json.dumps({"commit": prov.commit, "dirty": prov.dirty})}
     if sweep:
         env[SWEEP_ENV] = sweep
+    for name in FORWARDED_ENV:  # settings the user gave the driver reach trials on every node too
+        if os.environ.get(name):
+            env[name] = os.environ[name]
     return env
 
 
