@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +71,29 @@ def test_sft_grid_smoke_logs_structure_to_mlflow(tmp_path, sweep_env):
             steps = [m.step for m in client.get_metric_history(child.info.run_id, metric)]
             assert sorted(steps) == [0, 1], (metric, steps)  # epoch 0 = before the defense, epoch 1
         assert "lr_schedule.png" in {a.path for a in client.list_artifacts(child.info.run_id)}
+
+    # provenance: every run names the code (git commit, dirty flag) and MLflow's Source/Version/User
+    # columns fill in; each trial's datasets are MLflow dataset inputs; the experiment opens on runs
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    for run in [parent, *children]:
+        tags = run.data.tags
+        assert tags["mlflow.source.name"] == "sweeps/sft_grid.py" and tags["mlflow.source.type"] == "LOCAL"
+        assert tags["mlflow.source.git.commit"] == tags["git_commit"] == head
+        assert tags["git_dirty"] in ("true", "false") and tags["mlflow.user"]
+    for child in children:
+        inputs = {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+                  for d in child.inputs.dataset_inputs}
+        assert inputs == {("fashion_mnist/train", "training"), ("fashion_mnist/test", "evaluation")}
+    exp = client.get_experiment_by_name("sft_grid")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"/#/experiments/{exp.experiment_id}?workflowType=machine_learning" in proc.stderr  # the UI link
+    # the backdoored model's stage: keyed by code, provenance from the driver (runtime_env), usage recorded
+    (manifest,) = (tmp_path / "rr" / "stages" / "badnets").glob("*/manifest.json")
+    m = json.loads(manifest.read_text())
+    assert "secsweep/training.py" in m["code"]["files"] and "trainables/attacks/badnets.py" in m["code"]["files"]
+    assert m["provenance"]["commit"] == head and m["provenance"]["source"] == "env"
+    sweeps_used = {json.loads(line)["sweep"] for line in (manifest.parent / "usage.jsonl").read_text().splitlines()}
+    assert sweeps_used == {parent.info.run_name}  # the sweep's results folder name
 
     # `secsweep report` rebuilds the table from MLflow and attaches it to the parent run
     from secsweep.cli import main as cli_main
@@ -144,47 +170,143 @@ def test_bad_input_is_one_line_exit_2_before_any_trial(tmp_path, sweep_env, args
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_resume_finishes_without_redoing_finished_trials(tmp_path, sweep_env):
-    db = tmp_path / "mlflow.db"
-    args = ["--storage-path", str(tmp_path / "rr"), "--tracking-uri", f"sqlite:///{db}", "--max-concurrent", "1",
-            "--set", "attack_epochs=40"]
-    proc = subprocess.Popen([PY, str(ROOT / "tests/scripts/tiny_sweep.py"), *args], env=sweep_env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 240
+def test_resume_replays_the_saved_command_line_and_refuses_conflicts(tmp_path, capsys):
+    """`--resume` takes the sweep-defining flags from the saved command line (secsweep.json); this
+    invocation may add only flags about itself (--address, --tracking-uri, --results-csv, ...) or
+    repeat saved values; any other flag is one line, exit 2, before anything starts."""
+    from secsweep.sweep import STATE_FILE, Sweep, build_parser, grid, resume_args, run
+
+    sweep = Sweep(name="replay_sweep", trainable="badnets", fixed={"dataset": "digits"},
+                  grid=grid(poison_ratio=[0.1]))
+    rr = tmp_path / "rr"
+    exp = rr / "replay_sweep-20260101-000000"
+    exp.mkdir(parents=True)
+    saved = ["--storage-path", "rr", "--max-concurrent", "1", "--set", "attack_epochs=3", "--data-root", "data"]
+    (exp / STATE_FILE).write_text(json.dumps({"sweep": "replay_sweep", "parent_run_id": "0" * 32, "argv": saved,
+                                              "tracking_uri": "sqlite:///unused.db", "cwd": str(tmp_path)}))
+
+    def resumed(*flags):
+        argv = ["--storage-path", str(rr), *flags]
+        return resume_args(sweep, argv, build_parser(sweep).parse_args(argv))
+
+    args = resumed("--resume")  # nothing but --resume: the saved sweep as it was
+    assert (args.max_concurrent, args.set, args.resume) == (1, ["attack_epochs=3"], str(exp))
+    assert args.data_root == str(tmp_path / "data") and args.storage_path == str(rr)  # saved cwd's paths
+    args = resumed("--resume", str(exp), "--max-concurrent", "1", "--set", "attack_epochs=3", "--address", "auto")
+    assert args.address == "auto" and args.max_concurrent == 1
+
+    for flags, name in [(["--max-concurrent", "2"], "--max-concurrent"), (["--set", "attack_epochs=4"], "--set"),
+                        (["--smoke-test"], "--smoke-test"), (["--data-root", str(tmp_path / "other")], "--data-root")]:
+        code = run(sweep, ["--storage-path", str(rr), "--resume", *flags])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"error: {name}=") and "conflicts with the resumed sweep" in err[0], err[0]
+    assert [p.name for p in exp.iterdir()] == [STATE_FILE]  # nothing launched: no Tune state, no journal
+
+
+def processes_with(token: str) -> list[int]:
+    """Live processes whose environment holds `token` (a sweep's driver, Ray's raylet, GCS, workers
+    all inherit it), whatever process group or session they moved to."""
+    found = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if token.encode() in env.read_bytes() and Path(env.parent, "stat").read_text().split()[2] != "Z":
+                found.append(int(env.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def processes_after(token: str, grace_s: float = 30) -> list[int]:
+    """processes_with(token) once they had `grace_s` seconds to exit (Ray's stop asynchronously)."""
+    deadline = time.time() + grace_s
+    while (left := processes_with(token)) and time.time() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+def metric_points(client, run) -> dict[str, list[tuple[int, float]]]:
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k))
+            for k in run.data.metrics}
+
+
+def test_resume_after_sigkill_of_the_driver_group_is_faithful(tmp_path, sweep_env):
+    """SIGKILL of the driver's whole process group (local Ray included) as soon as MLflow shows a
+    trial FINISHED (Tune's snapshot then usually still has it running) while another is mid-way,
+    then `--resume` with no other flags (the saved command line is replayed): the same trials, no
+    duplicate child runs, the finished trial not run again, the interrupted one continued from its
+    last checkpoint, no epoch logged twice, no Ray process left over."""
+    db, rr = tmp_path / "mlflow.db", tmp_path / "rr"
+    token = f"SECSWEEP_TEST_{uuid.uuid4().hex}"
+    env = {**sweep_env, token: "1"}
+    args = ["--storage-path", str(rr), "--tracking-uri", f"sqlite:///{db}", "--max-concurrent", "2",
+            "--preset", "uneven"]  # trials of 6, 12, 12 epochs
+    log_file = open(tmp_path / "first.log", "w")
+    # Tune snapshots only when checkpoints force it (no timed snapshots), as in a large sweep whose
+    # snapshots take long: the finished trial's end is then not in the snapshot at the kill
+    proc = subprocess.Popen([PY, str(ROOT / "tests/scripts/tiny_sweep.py"), *args], cwd=tmp_path,
+                            env={**env, "TUNE_GLOBAL_CHECKPOINT_S": "3600"}, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     finished: list = []
     try:
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(1)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not finished:
+            time.sleep(0.2)
             # the state file is written after the driver created the MLflow store and parent run;
             # reading the store earlier would race with its table creation
-            if any((tmp_path / "rr").glob("tiny_sweep-*/secsweep.json")):
+            if any(rr.glob("tiny_sweep-*/secsweep.json")):
                 try:
                     _, _, children = runs_of(db, "tiny_sweep")
                 except AssertionError:
                     continue
                 finished = [c for c in children if c.info.status == "FINISHED"]
-                if finished:
-                    break
-        assert finished, "no trial finished before the deadline"
-        proc.send_signal(signal.SIGINT)  # Ctrl-C on the driver
-        proc.wait(timeout=120)
+        assert finished, "no trial finished before the deadline: " + (tmp_path / "first.log").read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray (raylet, GCS, workers)
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
-            proc.kill()
-    client, _, children = runs_of(db, "tiny_sweep")
-    done_before = {c.data.tags["trial_id"]: len(client.get_metric_history(c.info.run_id, "asr"))
-                   for c in children if c.info.status == "FINISHED"}
-    assert 1 <= len(done_before) < 3
+            os.killpg(proc.pid, signal.SIGKILL)
+        log_file.close()
+    assert not processes_after(token), "Ray processes survived the driver's process group"
 
-    again = run_script(ROOT / "tests/scripts/tiny_sweep.py", [*args, "--resume"], sweep_env, tmp_path)
+    client, _, children = runs_of(db, "tiny_sweep")
+    before = {c.data.tags["trial_id"]: c for c in children}
+    done_before = {t: metric_points(client, c) for t, c in before.items() if c.info.status == "FINISHED"}
+    assert 1 <= len(done_before) < 3
+    # interrupted after the driver had seen (and logged) some of its epochs
+    midway = [t for t, c in before.items() if c.info.status != "FINISHED" and metric_points(client, c).get("asr")]
+    assert midway, "no trial was mid-way at the kill"
+
+    again = run_script(ROOT / "tests/scripts/tiny_sweep.py", ["--storage-path", str(rr), "--resume"], env, tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert not processes_after(token), "Ray left running after the resumed sweep"
     client, parents, children = runs_of(db, "tiny_sweep")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(children) == 3, [c.data.tags["trial_id"] for c in children]  # no duplicate child runs
-    assert all(c.info.status == "FINISHED" for c in children)
+    ids = [c.data.tags["trial_id"] for c in children]
+    assert len(children) == 3 and len(set(ids)) == 3, ids   # no duplicate child runs
+    assert set(before) <= set(ids)                           # the trials of the first run continued
+    (exp_dir,) = rr.glob("tiny_sweep-*")
+    assert set(pd.read_csv(exp_dir / "results.csv")["trial_id"]) == set(ids)  # Tune's trials are MLflow's
     for c in children:
-        if c.data.tags["trial_id"] in done_before:  # not run again: no new metric points
-            assert len(client.get_metric_history(c.info.run_id, "asr")) == done_before[c.data.tags["trial_id"]]
+        assert c.info.status == "FINISHED"
+        points = metric_points(client, c)
+        for key, pts in points.items():
+            steps = [s for s, _ in pts]
+            assert len(steps) == len(set(steps)), (c.data.tags["trial_id"], key, steps)  # no epoch twice
+        assert [s for s, _ in points["asr"]] == list(range(1, int(c.data.params["attack_epochs"]) + 1))
+        if c.data.tags["trial_id"] in done_before:  # finished before the kill: not one new point
+            assert points == done_before[c.data.tags["trial_id"]]
+    # the trial interrupted mid-way resumed from its last checkpoint, not from epoch 1 (Tune starts a
+    # trial its snapshot had not seen running in a new folder; the newest holds the resumed run)
+    for t in midway:
+        trial_dir = max(exp_dir.glob(f"trial_entry_{t}_*"), key=lambda d: d.stat().st_mtime)
+        last = json.loads((trial_dir / "result.json").read_text().splitlines()[-1])
+        assert last["epoch"] == 12 and last["iterations_since_restore"] < 12, last
+    # the finished trial: Tune's snapshot still had it running, so Tune restarted it; it reported its
+    # recorded result at once (one row, iteration 1 since restore) instead of training again
+    for t in done_before:
+        rows = [json.loads(ln) for d in exp_dir.glob(f"trial_entry_{t}_*") if (d / "result.json").is_file()
+                for ln in (d / "result.json").read_text().splitlines()]
+        assert [r["iterations_since_restore"] for r in rows[6:]] == [1], rows[6:]
 
 
 def test_multi_worker_trial_runs_ray_train_ddp(tmp_path):

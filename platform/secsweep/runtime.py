@@ -212,16 +212,20 @@ def _train_worker(loop_config: dict) -> None:
     spec.fn(cfg, ctx)
 
 
-def trial_entry(config: dict, settings: RuntimeSettings, completed: Mapping[str, Mapping] | None = None) -> None:
+def trial_entry(config: dict, settings: RuntimeSettings, ledger_dir: str | None = None) -> None:
     """The Tune function trainable: resolve the config, seed, and run the trainable.
 
-    `completed` (on --resume: the sweep's completion ledger, trial_id -> record) lists trials an
-    earlier driver saw finish; Tune restarts such a trial only because its experiment snapshot
-    lagged, so it reports its recorded final result (or fails again) at once, without training.
+    `ledger_dir` (the experiment folder) holds the driver's record of completed trials and of every
+    checkpoint (`secsweep.ledger`), which can be newer than Tune's experiment snapshot after a
+    killed driver: a trial recorded as done reports its recorded final result (or fails again) at
+    once, without training; any other resumes from the newest checkpoint the driver saw.
     """
     from ray import tune
 
-    done = (completed or {}).get(tune.get_context().get_trial_id())
+    from . import ledger
+
+    trial_id = tune.get_context().get_trial_id()
+    done = ledger.completed(ledger_dir).get(trial_id)
     if done is not None:
         if done.get("status") == "FAILED":
             raise RuntimeError("trial failed in an earlier run of this sweep:\n" + str(done.get("error", "")))
@@ -238,6 +242,10 @@ def trial_entry(config: dict, settings: RuntimeSettings, completed: Mapping[str,
             download=settings.download, stage_root=settings.stage_root,
             devices_per_trial=settings.gpus_per_trial or 1.0,  # a GPU fraction counts as that fraction
         )
+        newest = ledger.latest_checkpoint(ledger_dir, trial_id)
+        if newest is not None:  # at least as new as the one Tune restored, if any
+            with tune.Checkpoint(newest).as_directory() as d:
+                ctx._state = read_checkpoint_dir(Path(d), ctx.workdir)
         ctx.objectives = settings.objectives
         spec.fn(cfg, ctx)
         return

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import data as data_mod
-from . import registry
+from . import provenance, registry
 from .config import fail, field_types, parse_assignments
 from .errors import SecsweepError
 from .runtime import PARAMS_KEY, TRAINABLE_KEY
@@ -218,9 +217,9 @@ def _check_tracking_uri(uri: str) -> None:
 
     flag = "--tracking-uri"
     if not uri.strip():
+        fail(flag, uri, "must not be empty")
     if uri == "databricks":  # MLflow's name for the default Databricks profile
         return
-        fail(flag, uri, "must not be empty")
     scheme = urlsplit(uri).scheme.lower() if "://" in uri or uri.startswith("file:") else ""
     if not scheme or (len(scheme) == 1 and os.name == "nt"):  # a bare path: a local file store
         _check_writable_dir(flag, str(Path(uri).expanduser().parent))
@@ -522,14 +521,6 @@ def _default_dataset(trainables: Sequence[str]) -> str:
 
 # -- running --------------------------------------------------------------------------------------
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _find_resume_dir(storage: Path, sweep: Sweep, resume: str) -> Path:
     if resume != "latest":
         path = Path(resume).expanduser().resolve()
@@ -670,43 +661,55 @@ def _launch(plan_: Plan, args) -> int:
 
     from .report import histories_from_results, results_frame, write_sweep_report
     from .runtime import RuntimeSettings, trial_entry
-    from .tracking import MlflowTrialCallback, ParentRun, client_for, resolve_tracking_uri
+    from .tracking import (MlflowTrialCallback, ParentRun, TrackingQueue, client_for, resolve_tracking_uri,
+                           short_http_retries, ui_url)
 
     sweep = plan_.sweep
     storage = Path(args.storage_path).expanduser().resolve()
     storage.mkdir(parents=True, exist_ok=True)
+    state = getattr(args, "resume_state", None)  # set by resume_args
+    if args.resume:
+        exp_dir = Path(args.resume)
+        given = getattr(args, "given", set())
+        tracking_uri = resolve_tracking_uri(args.tracking_uri) if "tracking_uri" in given else state["tracking_uri"]
+    else:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        exp_dir = storage / f"{sweep.name}-{stamp}"
+        tracking_uri = resolve_tracking_uri(args.tracking_uri)
+
+    # MLflow is needed now, before launch (a down server is one line here); after launch every write
+    # goes through the TrackingQueue and a tracking problem fails nothing
+    short_http_retries()
+    client = client_for(tracking_uri)
     try:
         if args.resume:
-            exp_dir = _find_resume_dir(storage, sweep, args.resume)
-            state = json.loads((exp_dir / STATE_FILE).read_text())
-            tracking_uri = state["tracking_uri"] if args.tracking_uri is None else resolve_tracking_uri(args.tracking_uri)
+            parent = ParentRun(client, state["parent_run_id"])
+            parent.reopen()
         else:
-            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-            exp_dir = storage / f"{sweep.name}-{stamp}"
-            tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    except SecsweepError as e:
-        print(f"error: {e}", file=sys.stderr)
+            parent = ParentRun.start(
+                client, sweep.name, run_name=exp_dir.name,
+                tags={**provenance.current().run_tags(provenance.script_name(sweep.source)),  # commit, dirty, user
+                      "sweep_script": f"sweeps/{sweep.name}.py", "search_space": plan_.search_space_json,
+                      "preset": args.preset, "smoke_test": str(args.smoke_test),
+                      "command": " ".join(["python", f"sweeps/{sweep.name}.py", *args.argv])},
+                params={k: v for k, v in plan_.fixed.items()},
+            )
+        experiment_id = parent.experiment_id
+    except Exception as e:  # noqa: BLE001 - MLflow raises many types; all mean "cannot track this sweep"
+        print(f"error: --tracking-uri={tracking_uri!r}: MLflow did not accept the sweep's parent run "
+              f"({(str(e).splitlines() or [type(e).__name__])[0][:300]})", file=sys.stderr)
         return EXIT_USAGE
-
-    client = client_for(tracking_uri)
-    if args.resume:
-        parent = ParentRun(client, state["parent_run_id"])
-        parent.reopen()
-    else:
-        parent = ParentRun.start(
-            client, sweep.name, run_name=exp_dir.name,
-            tags={"git_commit": git_commit(), "sweep_script": f"sweeps/{sweep.name}.py", "search_space": plan_.search_space_json,
-                  "preset": args.preset, "smoke_test": str(args.smoke_test),
-                  "command": " ".join(["python", f"sweeps/{sweep.name}.py", *args.argv])},
-            params={k: v for k, v in plan_.fixed.items()},
-        )
+    if not args.resume:
         exp_dir.mkdir(parents=True)
         (exp_dir / STATE_FILE).write_text(json.dumps({
             "sweep": sweep.name, "parent_run_id": parent.run_id, "tracking_uri": tracking_uri,
-            "argv": args.argv, "created": _dt.datetime.now().isoformat(timespec="seconds"),
+            "argv": args.argv, "cwd": os.getcwd(), "created": _dt.datetime.now().isoformat(timespec="seconds"),
         }, indent=2))
-        parent.log_artifacts([Path(sweep.source)])
-    log.info("MLflow: %s (experiment %s, parent run %s)", tracking_uri, sweep.name, parent.run_id)
+    queue = TrackingQueue(tracking_uri, exp_dir, experiment_id, parent.run_id)
+    if not args.resume:
+        queue.log_artifacts([Path(sweep.source)], run=parent.run_id)
+    log.info("MLflow: %s (experiment %s, parent run %s); runs in the UI: %s", tracking_uri, sweep.name,
+             parent.run_id, ui_url(tracking_uri, experiment_id))
 
     settings = RuntimeSettings(
         stage_root=str(storage / "stages"), data_root=str(Path(args.data_root).resolve()) if args.data_root else None,
@@ -718,38 +721,54 @@ def _launch(plan_: Plan, args) -> int:
         resources = {"cpu": 0.01}
     else:
         resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
-    trainable = tune.with_resources(tune.with_parameters(trial_entry, settings=settings), resources)
-    callback = MlflowTrialCallback(tracking_uri, parent.experiment_id, parent.run_id, sweep.name)
+    # trials read the driver's ledger (secsweep.ledger) in the experiment folder: on --resume a trial
+    # the driver saw finish is not run again, and one it saw checkpoint resumes from that checkpoint
+    trainable = tune.with_resources(tune.with_parameters(trial_entry, settings=settings, ledger_dir=str(exp_dir)),
+                                    resources)
+    callback = MlflowTrialCallback(tracking_uri, experiment_id, parent.run_id, sweep.name, str(exp_dir),
+                                   source=provenance.script_name(sweep.source))
 
-    ray.init(address=args.address, include_dashboard=False if args.address is None else None,
-             logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
-    status = "FINISHED"
+    status = "FAILED"  # unless the code below says otherwise
     try:
-        if args.resume:
-            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, param_space=_param_space(plan_),
-                                       resume_unfinished=True, resume_errored=False)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space=_param_space(plan_),
-                tune_config=_build_tune_config(plan_, args),
-                run_config=tune.RunConfig(
-                    name=exp_dir.name, storage_path=str(storage),
-                    failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                    callbacks=[callback], verbose=1,
-                ),
-            )
-        results = tuner.fit()
+        try:
+            # the driver's git commit/dirty flag and the sweep's name reach every trial process, also
+            # on cluster nodes whose synced code has no .git (secsweep.provenance). A local Ray inherits
+            # the driver's environment; a runtime_env there would cost fresh worker processes (~2 s)
+            worker_env = provenance.worker_env(exp_dir.name)
+            if args.address is None:
+                os.environ.update(worker_env)
+            ray.init(address=args.address, include_dashboard=False if args.address is None else None,
+                     logging_level=logging.WARNING, configure_logging=True, log_to_driver=True,
+                     runtime_env=None if args.address is None else {"env_vars": worker_env})
+            if args.resume:
+                tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, param_space=_param_space(plan_),
+                                           resume_unfinished=True, resume_errored=False)
+            else:
+                tuner = tune.Tuner(
+                    trainable,
+                    param_space=_param_space(plan_),
+                    tune_config=_build_tune_config(plan_, args),
+                    run_config=tune.RunConfig(
+                        name=exp_dir.name, storage_path=str(storage),
+                        failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                        callbacks=[callback], verbose=1,
+                    ),
+                )
+            results = tuner.fit()
+        finally:
+            _shutdown_ray(ray)  # first and always: the report needs no Ray, and none may be left running
         frame = results_frame(results)
         unfinished = int((frame["status"] == "UNFINISHED").sum()) if len(frame) else 0
-        if unfinished:
-            status = "KILLED"
-        paths = write_sweep_report(frame, exp_dir, sweep, csv_path=args.results_csv,
-                                   histories=histories_from_results(results))
-        parent.log_artifacts(paths)
-        parent.set_tags({"trials": len(frame), "failed_trials": int((frame["status"] == "ERROR").sum()) if len(frame) else 0})
+        # a trial resumed from an older checkpoint repeats epochs in Tune's history; MLflow keeps the first
+        histories = {tid: df.drop_duplicates(subset="epoch", keep="first")
+                     for tid, df in histories_from_results(results).items()}
+        paths = write_sweep_report(frame, exp_dir, sweep, csv_path=args.results_csv, histories=histories)
+        queue.log_artifacts(paths, run=parent.run_id)
+        queue.set_tags({"trials": len(frame), "failed_trials": int((frame["status"] == "ERROR").sum()) if len(frame) else 0},
+                       run=parent.run_id)
         print_table(frame, sweep)
+        status = "KILLED" if unfinished else "FINISHED"
         if unfinished:
             print(f"\n{unfinished} trial(s) unfinished: continue with  python sweeps/{sweep.name}.py --resume {exp_dir}")
             return EXIT_INTERRUPTED
@@ -758,12 +777,20 @@ def _launch(plan_: Plan, args) -> int:
         status = "KILLED"
         print(f"\ninterrupted: continue with  python sweeps/{sweep.name}.py --resume {exp_dir}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BaseException:
-        status = "FAILED"
-        raise
     finally:
-        parent.finish(status)
+        queue.terminate(status, run=parent.run_id)
+        if not queue.drain(args.tracking_drain_timeout):
+            log.warning("MLflow: %d write(s) not delivered within --tracking-drain-timeout %.0f s; they are kept in "
+                        "%s and replayed by  python sweeps/%s.py --resume %s", queue.pending(),
+                        args.tracking_drain_timeout, queue.journal, sweep.name, exp_dir)
+        queue.close()
+
+
+def _shutdown_ray(ray) -> None:
+    try:
         ray.shutdown()
+    except Exception:  # noqa: BLE001 - the sweep's result does not depend on a clean shutdown
+        log.exception("ray.shutdown failed")
 
 
 def print_table(frame, sweep: Sweep) -> None:
