@@ -74,7 +74,8 @@ def test_sft_grid_smoke_logs_structure_to_mlflow(tmp_path, sweep_env):
 
     # provenance: every run names the code (git commit, dirty flag) and MLflow's Source/Version/User
     # columns fill in; each trial's datasets are MLflow dataset inputs; the experiment opens on runs
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = parent.data.tags["git_commit"]
+    assert len(head) == 40 and subprocess.run(["git", "merge-base", "--is-ancestor", head, "HEAD"], cwd=ROOT).returncode == 0
     for run in [parent, *children]:
         tags = run.data.tags
         assert tags["mlflow.source.name"] == "sweeps/sft_grid.py" and tags["mlflow.source.type"] == "LOCAL"
