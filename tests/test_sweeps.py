@@ -241,12 +241,13 @@ def test_resume_after_sigkill_of_the_driver_group_is_faithful(tmp_path, sweep_en
     token = f"SECSWEEP_TEST_{uuid.uuid4().hex}"
     env = {**sweep_env, token: "1"}
     args = ["--storage-path", str(rr), "--tracking-uri", f"sqlite:///{db}", "--max-concurrent", "2",
-            "--preset", "uneven"]  # trials of 6, 12, 12 epochs
+            "--preset", "uneven"]  # trials of 10, 5, 5 (slow) epochs
     log_file = open(tmp_path / "first.log", "w")
     # Tune snapshots only when checkpoints force it (no timed snapshots), as in a large sweep whose
     # snapshots take long: the finished trial's end is then not in the snapshot at the kill
     proc = subprocess.Popen([PY, str(ROOT / "tests/scripts/tiny_sweep.py"), *args], cwd=tmp_path,
-                            env={**env, "TUNE_GLOBAL_CHECKPOINT_S": "3600"}, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+                            env={**env, "TUNE_GLOBAL_CHECKPOINT_S": "3600"}, stdout=log_file, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     finished: list = []
     try:
         deadline = time.time() + 240
@@ -301,13 +302,13 @@ def test_resume_after_sigkill_of_the_driver_group_is_faithful(tmp_path, sweep_en
     for t in midway:
         trial_dir = max(exp_dir.glob(f"trial_entry_{t}_*"), key=lambda d: d.stat().st_mtime)
         last = json.loads((trial_dir / "result.json").read_text().splitlines()[-1])
-        assert last["epoch"] == 12 and last["iterations_since_restore"] < 12, last
+        assert last["epoch"] == 5 and last["iterations_since_restore"] < 5, last
     # the finished trial: Tune's snapshot still had it running, so Tune restarted it; it reported its
     # recorded result at once (one row, iteration 1 since restore) instead of training again
     for t in done_before:
         rows = [json.loads(ln) for d in exp_dir.glob(f"trial_entry_{t}_*") if (d / "result.json").is_file()
                 for ln in (d / "result.json").read_text().splitlines()]
-        assert [r["iterations_since_restore"] for r in rows[6:]] == [1], rows[6:]
+        assert [r["iterations_since_restore"] for r in rows[10:]] == [1], rows[10:]
 
 
 def test_multi_worker_trial_runs_ray_train_ddp(tmp_path):

@@ -132,3 +132,38 @@ def test_sweep_survives_a_tracking_server_outage(tmp_path, sweep_env):
     while processes_with(token) and time.time() < deadline:
         time.sleep(0.5)
     assert not processes_with(token), "Ray left running"
+
+
+def test_writes_a_killed_driver_left_are_replayed_once(tmp_path, monkeypatch):
+    """The queue's journal: writes that never reached MLflow (the server was down when the driver
+    died) are applied by the next driver (`--resume`), in order and once; epochs already queued are
+    not queued again. No Ray, no server: a dead URL, then the real SQLite store."""
+    from secsweep.tracking import JOURNAL_FILE, TrackingQueue
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    store = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp_id = store.create_experiment("replay")
+    parent = store.create_run(exp_id).info.run_id
+    exp_dir = tmp_path / "exp"
+    exp_dir.mkdir()
+
+    dead = TrackingQueue(f"http://127.0.0.1:{free_port()}", exp_dir, exp_id, parent)
+    dead.ensure_child("t1", "badnets-t1", {"mlflow.parentRunId": parent, "trial_id": "t1"}, {"lr": 0.1})
+    for epoch in (1, 2):
+        assert dead.log_metrics("t1", {"asr": 0.5 / epoch}, epoch) == 1
+    dead.terminate("FINISHED", trial="t1")
+    assert not dead.drain(2.0) and dead.pending() == 5  # never raises; nothing lost
+    dead.close()
+
+    live = TrackingQueue(f"sqlite:///{tmp_path}/mlflow.db", exp_dir, exp_id, parent)  # the resumed driver
+    assert live.log_metrics("t1", {"asr": 0.9}, 2) == 0   # epoch 2 was queued before the crash
+    assert live.drain(60) and live.failures == 0
+    live.close()
+    (child,) = [r for r in store.search_runs([exp_id]) if r.info.run_id != parent]
+    assert child.info.status == "FINISHED" and child.data.params == {"lr": "0.1"}
+    assert [(m.step, m.value) for m in store.get_metric_history(child.info.run_id, "asr")] == [(1, 0.5), (2, 0.25)]
+    again = TrackingQueue(f"sqlite:///{tmp_path}/mlflow.db", exp_dir, exp_id, parent)  # all marked done
+    assert again.pending() == 0
+    again.close()
+    assert (exp_dir / JOURNAL_FILE).is_file()

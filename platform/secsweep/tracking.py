@@ -108,9 +108,10 @@ def resolved_params(config: Mapping[str, Any]) -> dict[str, Any]:
 # each write to an ordered queue that is journalled to the experiment folder (fsync per write, so
 # a killed driver loses nothing) and applied by one background thread, which retries a write until
 # the server takes it (backoff 1 s doubling to 15 s), keeping the order. `--resume` replays the
-# writes the journal has not marked done. A trial's final result also goes to a completion ledger
-# in the experiment folder, which `--resume` consults so a finished trial is never run again
-# (Tune's own experiment snapshot can lag behind what the driver already logged).
+# writes the journal has not marked done, and does not queue again an epoch it already queued. The
+# callback also records each trial's checkpoints and completion in the driver's ledger
+# (secsweep.ledger), which trials consult on --resume, since Tune's own experiment snapshot can lag
+# behind what the driver already logged.
 
 JOURNAL_FILE = "tracking-journal.jsonl"
 ARTIFACT_COPIES = "tracking-artifacts"   # trial artifacts copied here before their upload is queued
@@ -164,7 +165,6 @@ class TrackingQueue:
         self._cond = threading.Condition()
         self._file_lock = threading.Lock()
         self._pending: deque[dict[str, Any]] = deque()
-        self._busy = False                          # the thread is applying the head write
         self._runs: dict[str, str] = {}             # trial_id -> child run id
         self._children: set[str] = set()            # trials whose child-run write this driver queued
         self._logged: dict[str, dict[str, int]] = {}  # trial_id -> metric -> highest step queued
