@@ -174,11 +174,11 @@ def write_report(frame: pd.DataFrame, out_dir: Path, *, title: str, columns: Seq
         paths += [out_dir / "summary.csv", out_dir / "summary.md"]
         summary.to_csv(paths[-2], index=False)
         paths[-1].write_text(summary_markdown(summary))
-    ok = frame[frame["status"] == "TERMINATED"] if "status" in frame.columns else frame
-    ok = ok.dropna(subset=[c for c in (ASR, CLEAN_ACC) if c in ok.columns])
+    finished = frame[frame["status"] == "TERMINATED"] if "status" in frame.columns else frame
+    ok = finished.dropna(subset=[c for c in (ASR, CLEAN_ACC) if c in finished.columns])  # plottable rows
     if len(ok) and {ASR, CLEAN_ACC, TRAINABLE_KEY} <= set(ok.columns):
         keys = [TRAINABLE_KEY] + (["attack"] if "attack" in ok.columns else [])
-        per_defense = seed_summary(ok, keys)
+        per_defense = seed_summary(finished, keys)  # a NaN ASR (nothing counted) stays out of the mean only
         paths += [out_dir / "per_defense.csv", out_dir / "per_defense.md"]
         per_defense.to_csv(paths[-2], index=False)
         paths[-1].write_text(summary_markdown(per_defense))
