@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from conftest import ROOT
 
 PY = sys.executable
-MIN_OUTAGE_S = 15.0   # MLflow's own retries with the settings below give up after ~3 s
+MIN_OUTAGE_S = 10.0   # MLflow's own retries with the settings below give up after ~3 s
 
 
 def free_port() -> int:
@@ -100,7 +100,7 @@ def test_sweep_survives_a_tracking_server_outage(tmp_path, sweep_env):
             time.sleep(0.5)
         kill_group(server)  # down once the first metrics arrived
         down = time.time()
-        time.sleep(5)
+        time.sleep(MIN_OUTAGE_S)
         server = start_server(port, store, arts, server_log)  # same port and store; up after its start-up
         wait_healthy(port, server)
         outage = time.time() - down
@@ -167,3 +167,16 @@ def test_writes_a_killed_driver_left_are_replayed_once(tmp_path, monkeypatch):
     assert again.pending() == 0
     again.close()
     assert (exp_dir / JOURNAL_FILE).is_file()
+
+
+def test_server_down_at_the_start_is_one_line_before_launch(tmp_path, monkeypatch, capsys):
+    """Before launch the parent run must be created; a server that does not answer is one line and
+    exit 2, and nothing is launched (after launch, nothing fails because of tracking)."""
+    from secsweep.sweep import Sweep, grid, run
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    sweep = Sweep(name="down_sweep", trainable="badnets", fixed={"dataset": "digits"}, grid=grid(poison_ratio=[0.1]))
+    code = run(sweep, ["--storage-path", str(tmp_path / "rr"), "--tracking-uri", f"http://127.0.0.1:{free_port()}"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --tracking-uri="), err
+    assert not list((tmp_path / "rr").glob("down_sweep-*"))

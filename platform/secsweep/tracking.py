@@ -130,6 +130,8 @@ MAX_BATCH = 100  # MLflow's log_batch limit on params (and a safe size for metri
 def short_http_retries() -> None:
     for k, v in MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(k, v)
+    # urllib3 logs every retry of every attempt; the writer reports an outage itself, once a minute
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def _transient(e: BaseException) -> bool:
