@@ -57,7 +57,7 @@ def test_stage_computation_is_not_charged_to_the_trial(tmp_path):
     t0 = time.monotonic()
     ctx.stage("badnets", cfg)
     took = time.monotonic() - t0
-    assert took > 0.2
+    assert took > 0.05  # the stage trained a model (about 0.2 s on an idle core)
     assert ctx.device_hours() < 0.1 * took * SECOND
 
 

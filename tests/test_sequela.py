@@ -21,10 +21,12 @@ from trainables.sequela.mia import load_defended, membership_attacks
 
 torch.set_num_threads(1)
 
-DIGITS = {"dataset": "digits", "model": "smallcnn"}
+# These tests select nothing, so they train on all of digits' 1,437 training images (no validation
+# split): at this size the 10 % split changes the models enough to move the measured effects.
+DIGITS = {"dataset": "digits", "model": "smallcnn", "val_fraction": 0.0}
 # A BadNets digits backdoor: ASR 1.00, clean acc 0.98 after 6 epochs.
 BACKDOOR = {**DIGITS, "attack_epochs": 6, "attack_batch_size": 32}
-# SFT with LR_MAX1 0.3, the paper's value for small clean sets (FTP §5.5; digits has 1,294 training
+# SFT with LR_MAX1 0.3, the paper's value for small clean sets (FTP §5.5; digits has 1,437 training
 # images): ASR 1.00 -> 0.00, clean acc 0.97. With the default 0.1 the backdoor survives (ASR 0.59),
 # and conventional FT at the pre-training rate leaves ASR 0.94 on digits.
 SFT = {"defense": "sft", "epochs": 2, "defense_options": {"lr_max1": 0.3}}
@@ -109,7 +111,7 @@ def curve(history):
 
 def test_reinjection_is_faster_into_a_defended_model_than_into_a_clean_one(stage_root, tmp_path):
     """FTP §6.2: at poison ratio 0.01 the clean model needs 15 epochs (ASR 0.819), defended models
-    3-6 epochs; at 0.1, 2 epochs after FT vs 7 for the clean model. Here (digits, 1,294 training
+    3-6 epochs; at 0.1, 2 epochs after FT vs 7 for the clean model. Here (digits, 1,437 training
     images, 8 epochs), measured: ratio 0.01 (14 poisoned images) SFT-defended ASR per epoch
     0.00 0.05 0.39 0.57 0.62 0.71 0.61 0.55 0.67 vs clean 0.00 0.00 0.00 0.05 0.04 0.17 0.05 0.17 0.14;
     ratio 0.1 (144 images): both reach ASR >= 0.9 at epoch 2 - at this scale a 10 % poison rate
@@ -129,7 +131,7 @@ def test_reinjection_is_faster_into_a_defended_model_than_into_a_clean_one(stage
     for hist in (sft, clean):
         assert [h["epoch"] for h in hist] == list(range(E + 1))
         assert all(h["asr_start"] == hist[0]["asr"] and "epochs_to_asr90" in h for h in hist)
-    assert sft[0]["reinject_poisoned"] == 13  # round(0.01 * 1294): digits training set less its validation split
+    assert sft[0]["reinject_poisoned"] == 14  # round(0.01 * 1437)
 
     # the re-injection started from the defended model: the SFT stage's own last report
     sft_stage = LocalContext(workdir=tmp_path / "x", stage_root=stage_root).stage(

@@ -32,7 +32,7 @@ from ray.tune import Callback
 
 from . import ledger, provenance, registry
 from .config import to_dict
-from .names import EPOCH, TAG_TRIAL_ID
+from .names import EPOCH, IMPLANTED, TAG_TRIAL_ID, VAL_ASR_BEFORE
 from .runtime import ARTIFACTS, PARAMS_KEY, TRAINABLE_KEY, numeric_metrics
 
 log = logging.getLogger(__name__)
@@ -383,6 +383,10 @@ class TrackingQueue:
             raise ValueError(f"unknown journal write {kind!r}")
 
 
+NOT_IMPLANTED_WARNING = ("backdoor not implanted: val ASR before the defense {asr:.3f} is below min_asr_before, so "
+                         "this defense removed nothing; raise attack_epochs or poison_ratio")
+
+
 class MlflowTrialCallback(Callback):
     """Tune callback writing each trial as a child run of the sweep's parent run, via the sweep's
     `TrackingQueue`. It never raises into Tune: a tracking problem must not fail a trial."""
@@ -444,6 +448,9 @@ class MlflowTrialCallback(Callback):
             self.child_run(trial)
             step = int(result.get(EPOCH, result.get("training_iteration", 0)))
             self.queue.log_metrics(trial.trial_id, numeric_metrics(result), step)
+            if result.get(IMPLANTED) == 0.0 and step == 0:  # say it plainly on the run, not only as a metric
+                self.queue.set_tags({"warning": NOT_IMPLANTED_WARNING.format(
+                    asr=result.get(VAL_ASR_BEFORE, result.get("asr_before", float("nan"))))}, trial=trial.trial_id)
         self._guard("result", trial, write)
 
     def _copy_artifacts(self, trial, extra: Mapping[str, str] = {}) -> list[Path]:
