@@ -355,3 +355,13 @@ def test_every_sweep_script_smoke_runs_and_logs(script, trials, tmp_path, sweep_
     _, parents, children = runs_of(tmp_path / "mlflow.db", script)
     assert len(parents) == 1 and len(children) == trials
     assert all(c.info.status == "FINISHED" and "asr" in c.data.metrics for c in children)
+    if script == "ft_lr":  # a floor no backdoor reaches: every row, the table and the runs say so
+        proc = run_script(ROOT / f"sweeps/{script}.py", ["--smoke-test", "--storage-path", str(tmp_path / "rr"),
+                          "--tracking-uri", f"sqlite:///{tmp_path}/floor.db", "--results-csv", str(tmp_path / "f.csv"),
+                          "--set", "min_asr_before=1.0"], sweep_env, tmp_path)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert "backdoor not implanted" in proc.stdout
+        assert (pd.read_csv(tmp_path / "f.csv")["backdoor_implanted"] == 0.0).all()
+        _, _, children = runs_of(tmp_path / "floor.db", script)
+        assert all("backdoor not implanted" in c.data.tags.get("warning", "") for c in children)
+        assert all(np.isnan(c.data.metrics["val_der"]) for c in children)  # no objective can select them
