@@ -100,6 +100,7 @@ def build_parser(sweep: Sweep) -> argparse.ArgumentParser:
     p.add_argument("--asha", action="store_true", help="ASHA early stopping on the first objective")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--tracking-drain-timeout", type=float, default=600.0, metavar="S", help="at the end, wait up to S seconds for buffered MLflow writes (an outage); the rest are replayed by --resume")
+    p.add_argument("--resources-per-trial", default=None, metavar="JSON", help='custom Ray resources each trial also requests, e.g. \'{"fake_gpu": 1}\' (docs/cluster.md)')
     return p
 
 
@@ -310,11 +311,42 @@ def validate_args(args: argparse.Namespace) -> None:
             _check_data_root(args.data_root)
     if getattr(args, "tracking_drain_timeout", 0.0) < 0:
         fail("--tracking-drain-timeout", args.tracking_drain_timeout, "must be >= 0 (seconds)")
+    if getattr(args, "resources_per_trial", None) is not None:
+        custom_resources(args)  # raises ConfigError on a bad value
     if args.results_csv is not None:
         csv = Path(args.results_csv).expanduser()
         if csv.is_dir():
             fail("--results-csv", args.results_csv, "is a folder; give a file path")
         _check_writable_dir("--results-csv", str(csv.absolute().parent))
+
+
+def custom_resources(args: argparse.Namespace) -> dict[str, float]:
+    """--resources-per-trial as {name: amount}: custom Ray resources (a node type's `resources` in a
+    cluster config, e.g. the simulated cluster's `fake_gpu`) each trial requests besides its CPUs and
+    GPUs. {} when the flag is absent. ConfigError (one line) on anything Ray would refuse later."""
+    raw = getattr(args, "resources_per_trial", None)
+    if raw is None:
+        return {}
+    flag = "--resources-per-trial"
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        fail(flag, raw, 'must be a JSON object of resource names and amounts, e.g. \'{"fake_gpu": 1}\'')
+    if not isinstance(value, dict) or not value:
+        fail(flag, raw, 'must be a non-empty JSON object of resource names and amounts, e.g. \'{"fake_gpu": 1}\'')
+    for name, amount in value.items():
+        if name.strip().lower() in ("cpu", "gpu", "custom_resources") or not name.strip():
+            fail(flag, raw, f"resource name {name!r} is not allowed: CPUs and GPUs have --cpus-per-trial and "
+                 "--gpus-per-trial; name a custom resource")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount) \
+                or amount <= 0:
+            fail(flag, raw, f"amount of {name!r} must be a finite number > 0")
+        if amount > 1 and amount != int(amount):  # Ray's own rule for resource requests
+            fail(flag, raw, f"amount of {name!r} must be a whole number when above 1 (fractions only below 1)")
+    if args.num_workers > 1:
+        fail(flag, raw, f"is not supported with --num-workers={args.num_workers} (the Train workers hold the "
+             "resources); use it with one process per trial")
+    return {name: float(amount) for name, amount in value.items()}
 
 
 def _check_data_root(value: str) -> None:
@@ -721,6 +753,8 @@ def _launch(plan_: Plan, args) -> int:
         resources = {"cpu": 0.01}
     else:
         resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+        if custom_resources(args):  # e.g. a node type's custom resource, which makes the autoscaler add it
+            resources["custom_resources"] = custom_resources(args)
     # trials read the driver's ledger (secsweep.ledger) in the experiment folder: on --resume a trial
     # the driver saw finish is not run again, and one it saw checkpoint resumes from that checkpoint
     trainable = tune.with_resources(tune.with_parameters(trial_entry, settings=settings, ledger_dir=str(exp_dir)),
