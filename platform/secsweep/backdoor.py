@@ -279,8 +279,9 @@ def fit(
     sets that change every epoch (WaNet's re-drawn poison and noise samples); `labels` is then None.
     `extra_state` joins every checkpoint (bookkeeping a restarted trial needs, read back with
     `ctx.restored()`). `transform(batch, generator)` augments every training batch on the device
-    (`VictimConfig.train_transform`; `secsweep.training.train_epoch`). Returns the bare (unwrapped)
-    model; the caller saves it.
+    (`VictimConfig.train_transform`; `secsweep.training.train_epoch`). The state is built and saved
+    on the epochs `ctx.checkpoint_due` names (every `ctx.checkpoint_every`, and the last); the other
+    epochs report metrics only. Returns the bare (unwrapped) model; the caller saves it.
     """
     model = ctx.prepare_model(model)
     opt = torch.optim.SGD(model.parameters(), lr=lr_at(0), momentum=momentum, weight_decay=weight_decay)
@@ -300,8 +301,9 @@ def fit(
         metrics = {EPOCH: epoch + 1, LR: lr_at(max(step - 1, 0)), "train_loss": loss, **(extra or {})}
         if evaluate is not None:
             metrics.update(evaluate(model, ctx.device))
+        due = ctx.checkpoint_due(epoch + 1, last=epoch + 1 == epochs)  # every k epochs (secsweep.accel)
         ctx.report(metrics, state={**(extra_state or {}), "model": unwrap(model).state_dict(),
-                                   "optimizer": opt.state_dict(), "epoch": epoch + 1, "step": step})
+                                   "optimizer": opt.state_dict(), "epoch": epoch + 1, "step": step} if due else None)
     return unwrap(model)
 
 

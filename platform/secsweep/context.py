@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import accel
 from .names import DEVICE_HOURS, EPOCH, IMPLANTED
 from .ops.metrics import with_der
 from .stages import CHECKPOINT, StageOutput, StageStore, code_fingerprint, save_tensors
@@ -45,9 +46,14 @@ class Context:
         stage_root: str | os.PathLike | None = None,
         devices_per_trial: float = 1.0,
         output_dir: str | os.PathLike | None = None,
+        fast: accel.FastPath | None = None,
     ):
         self.workdir = Path(workdir)
         self.device = torch.device(device)
+        # how this trial uses its device (secsweep.accel): given by the runtime, else the device's
+        # default (the fast path on CUDA, the reference path on the CPU); the evaluation loops follow it
+        self.fast = fast if fast is not None else accel.FastPath.resolve(None, self.device)
+        accel.activate(self.fast)
         self.data_root = data_root
         self.download = download
         self.stage_root = Path(stage_root) if stage_root else self.workdir / "stages"
@@ -97,6 +103,8 @@ class Context:
         if out.get(IMPLANTED) == 0.0:  # a defense of a backdoor that never took: no objective may select it
             out.update({k: float("nan") for k in self.objectives if k in out})
         out.setdefault(DEVICE_HOURS, self.device_hours())
+        if self.device.type == "cuda":  # what a GPU share must hold (bench/packing.py); no host sync
+            out.setdefault(accel.PEAK_MEMORY, torch.cuda.max_memory_allocated(self.device) / 2**30)
         if state is not None:
             state = {**state, "_device_hours": out[DEVICE_HOURS]}
         with self.uncharged():  # writing the checkpoint (and, on Ray Train, waiting for the other ranks)
@@ -104,6 +112,19 @@ class Context:
 
     def _emit(self, metrics: dict[str, Any], state: Mapping[str, Any] | None) -> None:
         raise NotImplementedError
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Epochs between checkpoints (`accel.FastPath.checkpoint_every`)."""
+        return self.fast.checkpoint_every
+
+    def checkpoint_due(self, epoch: int, last: bool = False) -> bool:
+        """Whether the report of (1-based) `epoch` should carry the resume state: every
+        `checkpoint_every` epochs and always the `last` one. A trainable builds its state only when
+        it is due (`backdoor.fit`), so the epochs in between skip the copy and the write; a restart
+        resumes from the newest due epoch and redoes the ones after it with the same seeds."""
+        k = self.checkpoint_every
+        return last or k <= 1 or int(epoch) % k == 0
 
     def restored(self) -> dict[str, Any] | None:
         """The `state` of the last report before a restart, or None on a fresh start."""
@@ -157,6 +178,7 @@ class Context:
                 download=self.download,
                 stage_root=self.stage_root,
                 checkpoint=workdir / CHECKPOINT,
+                fast=self.fast,
             )
             resumed = len(sub.history)
             if resumed:
@@ -179,8 +201,9 @@ class Context:
 
     # -- distributed --------------------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Move the model to the trial's device (multi-worker contexts also wrap it for DDP)."""
-        return model.to(self.device)
+        """Move the model to the trial's device in the fast path's memory format (and compile it,
+        if asked: `accel.prepare_model`); multi-worker contexts also wrap it for DDP."""
+        return accel.prepare_model(model.to(self.device), self.fast)
 
     def shard(self, n: int) -> torch.Tensor:
         """Positions (into an epoch's order of `n` samples) this worker trains on, all of them on a

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import registry
+from . import accel, registry
 from .context import Context
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ class RuntimeSettings:
     num_workers: int = 1          # > 1: a Ray Train TorchTrainer with this many DDP workers per trial
     storage_path: str = ""
     objectives: tuple[str, ...] = ()  # the sweep's objective metrics (Context.objectives)
+    fast_path: str | None = None  # accel.MODES (--fast-path); None: $SECSWEEP_FAST_PATH, else auto
+    checkpoint_every: int = 0     # epochs between checkpoints; 0 = the fast path's default (secsweep.accel)
 
 
 def seed_everything(seed: int) -> None:
@@ -153,7 +155,7 @@ class TrainContext(Context):
     def prepare_model(self, model):
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model)
+        return ray.train.torch.prepare_model(accel.prepare_model(model, self.fast))
 
     def all_reduce_mean(self, value: float) -> float:
         import torch.distributed as dist
@@ -203,10 +205,15 @@ def _train_worker(loop_config: dict) -> None:
     spec, cfg = _build(loop_config["config"])
     seed_everything(getattr(cfg, "seed", 0))
     predecode(cfg, settings)
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    accel.bound_trial(device, settings.gpus_per_trial, settings.cpus_per_trial)
     ctx = TrainContext(
         workdir=Path(loop_config["workdir"]) / f"rank{os.environ.get('RANK', '0')}",
         data_root=settings.data_root, download=settings.download, stage_root=settings.stage_root,
         devices_per_trial=(settings.gpus_per_trial or 1.0) * settings.num_workers,
+        fast=accel.FastPath.resolve(settings.fast_path, device, checkpoint_every=settings.checkpoint_every),
     )
     ctx.objectives = settings.objectives
     spec.fn(cfg, ctx)
@@ -237,10 +244,16 @@ def trial_entry(config: dict, settings: RuntimeSettings, ledger_dir: str | None 
     trial_dir = Path(tune.get_context().get_trial_dir())
     if settings.num_workers <= 1:
         predecode(cfg, settings)
+        device = pick_device(settings.gpus_per_trial)
+        # the trial's share of the node: CPU threads, and on CUDA its fraction of the GPU's memory
+        accel.bound_trial(device, settings.gpus_per_trial, settings.cpus_per_trial)
+        fast = accel.FastPath.resolve(settings.fast_path, device, checkpoint_every=settings.checkpoint_every)
+        log.info("trial %s on %s: %s", trial_id, device, fast.describe())
         ctx = TuneContext(
-            workdir=trial_dir, device=pick_device(settings.gpus_per_trial), data_root=settings.data_root,
+            workdir=trial_dir, device=device, data_root=settings.data_root,
             download=settings.download, stage_root=settings.stage_root,
             devices_per_trial=settings.gpus_per_trial or 1.0,  # a GPU fraction counts as that fraction
+            fast=fast,
         )
         newest = ledger.latest_checkpoint(ledger_dir, trial_id)
         if newest is not None:  # at least as new as the one Tune restored, if any

@@ -101,6 +101,7 @@ def build_parser(sweep: Sweep) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--tracking-drain-timeout", type=float, default=600.0, metavar="S", help="at the end, wait up to S seconds for buffered MLflow writes (an outage); the rest are replayed by --resume")
     p.add_argument("--resources-per-trial", default=None, metavar="JSON", help='custom Ray resources each trial also requests, e.g. \'{"fake_gpu": 1}\' (docs/cluster.md)')
+    p.add_argument("--fast-path", default=None, metavar="MODE", help="device fast path (secsweep.accel): auto (on for CUDA trials, off on CPU), on, off, or compile (on + torch.compile); default: $SECSWEEP_FAST_PATH or auto")
     return p
 
 
@@ -278,6 +279,11 @@ def validate_args(args: argparse.Namespace) -> None:
         fail("--cpus-per-trial", args.cpus_per_trial, "must be > 0")
     if args.num_workers < 1:
         fail("--num-workers", args.num_workers, "must be >= 1")
+    from . import accel
+
+    mode = args.fast_path or os.environ.get(accel.ENV_MODE)
+    if mode and mode not in accel.MODES:
+        fail("--fast-path" if args.fast_path else accel.ENV_MODE, mode, f"must be one of {', '.join(accel.MODES)}")
     if args.max_concurrent < 0:
         fail("--max-concurrent", args.max_concurrent, "must be >= 0 (0: as many as resources allow)")
     if args.max_failures < -1:
@@ -748,6 +754,7 @@ def _launch(plan_: Plan, args) -> int:
         download=args.download, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         num_workers=args.num_workers, storage_path=str(storage / "train"),
         objectives=tuple(dict.fromkeys([*sweep.objectives, sweep.selection[0]])),
+        fast_path=args.fast_path,
     )
     if args.num_workers > 1:  # the Train workers hold the resources; the Tune trial only coordinates
         resources = {"cpu": 0.01}
