@@ -109,6 +109,9 @@ def fake_cluster_config(cluster: dict[str, Any], *, gcs_address: str, time_scale
             "use_node_id_as_ip": True,
             "disable_node_updaters": True,  # nothing to install: the nodes are processes here
             "disable_launch_config_check": True,
+            # start all the nodes the autoscaler asks for in one call, as an EC2 launch does (the fake
+            # provider's default starts one per call, whatever the count)
+            "launch_multiple": True,
         },
         "auth": {},
         "available_node_types": nodes,
