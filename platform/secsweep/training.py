@@ -80,7 +80,8 @@ def train_epoch(
         order = order.to(ctx.device)
     # the loss sum stays on the device (float64, in the order of the former per-step `loss.item()`
     # sum, so the mean is bit for bit the same) and is read once per epoch: no host sync per step
-    total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    # (MPS has no float64: float32 there)
+    total = torch.zeros((), dtype=torch.float32 if ctx.device.type == "mps" else torch.float64, device=ctx.device)
     count = 0
     aug_gen = augment_generator(seed, epoch, ctx.rank) if transform is not None else None
     for i in range(0, len(order), per_worker):
@@ -101,7 +102,7 @@ def train_epoch(
         loss.backward()
         opt.step()
         step += 1
-        total += loss.detach().double() * len(b)
+        total += loss.detach().to(total.dtype) * len(b)
         count += len(b)
     return step, total.item() / max(count, 1)
 
