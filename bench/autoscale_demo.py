@@ -157,12 +157,20 @@ def _ray_env(temp_dir: str) -> dict[str, str]:
 
 
 def _ps() -> list[tuple[int, int, str]]:
-    out = subprocess.run(["ps", "-eww", "-o", "pid=,ppid=,args="], capture_output=True, text=True, check=True).stdout
+    """(pid, parent pid, command line) of every process, from /proc (no `ps` needed, no width limit)."""
     rows = []
-    for line in out.splitlines():
-        parts = line.split(None, 2)
-        if len(parts) >= 2:
-            rows.append((int(parts[0]), int(parts[1]), parts[2] if len(parts) > 2 else ""))
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # it exited meanwhile
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])  # after "pid (comm) state"
+        rows.append((int(entry), ppid, args))
     return rows
 
 
@@ -183,28 +191,54 @@ def cluster_processes(temp_dir: str) -> dict[int, str]:
     return ours
 
 
+def _proc_net_address(hex_address: str) -> str:
+    """`0100007F:1F90` (IPv4) or a 32-digit IPv6 address and port, as /proc/net/tcp{,6} write them
+    (host-order 32-bit words), to `127.0.0.1:8080` / `[::1]:8080`."""
+    host, port = hex_address.split(":")
+    raw = b"".join(int(host[i:i + 8], 16).to_bytes(4, "little") for i in range(0, len(host), 8))
+    ip = ipaddress.ip_address(raw)
+    return f"{ip}:{int(port, 16)}" if ip.version == 4 else f"[{ip}]:{int(port, 16)}"
+
+
 def _listening(pids: set[int]) -> list[tuple[str, str]]:
-    """(local address, process) of every TCP socket a pid in `pids` listens on (`ss -ltnpH`)."""
-    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
-    found = []
-    for line in out.splitlines():
-        cols = line.split()
-        if len(cols) < 6:
+    """(local address, process) of every TCP socket a pid in `pids` listens on (/proc: the pids'
+    socket inodes, matched with the LISTEN entries of /proc/net/tcp and tcp6)."""
+    owner: dict[str, str] = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                name = f.read().split(b"\0")[0].decode(errors="replace").rsplit("/", 1)[-1][:40]
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    owner[link[len("socket:["):-1]] = name
+        except OSError:  # exited meanwhile
             continue
-        for name, pid in re.findall(r'\("([^"]+)",pid=(\d+)', cols[5]):
-            if int(pid) in pids:
-                found.append((cols[3], name))
-    return sorted(set(found))
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if len(cols) > 9 and cols[3] == "0A" and cols[9] in owner:  # 0A: TCP_LISTEN
+                found.add((_proc_net_address(cols[1]), owner[cols[9]]))
+    return sorted(found)
 
 
 def is_loopback(address: str) -> bool:
-    """Whether an `ss` local address (`127.0.0.1:6379`, `[::ffff:127.0.0.1]:6379`, `[::1]:6379`) is loopback."""
+    """Whether a local address (`127.0.0.1:6379`, `[::1]:6379`, IPv4-mapped `[::ffff:127.0.0.1]:6379`)
+    is loopback; `0.0.0.0`, `[::]` (every address) and `*` are not."""
     host = address.rsplit(":", 1)[0].strip("[]")
-    host = host[len("::ffff:"):] if host.startswith("::ffff:") else host
     try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:  # `*` (every address) or a name
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:  # `*` or a name
         return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def teardown(temp_dir: str, grace_s: float = 10.0) -> list[str]:

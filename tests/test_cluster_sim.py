@@ -10,6 +10,9 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -109,8 +112,28 @@ def test_rays_autoscaler_and_fake_provider_accept_it(cluster, monkeypatch):
     assert [provider.node_tags(h)[TAG_RAY_USER_NODE_TYPE] for h in heads] == [fake["head_node_type"]]
 
 
+def test_listening_sockets_are_found_in_proc():
+    assert demo._proc_net_address("0100007F:1F90") == "127.0.0.1:8080"
+    assert demo._proc_net_address("0000000000000000FFFF00000100007F:0050") == "[::ffff:7f00:1]:80"
+    with socket.socket() as v4:
+        v4.bind(("127.0.0.1", 0))
+        v4.listen()
+        found = {address for address, _ in demo._listening({os.getpid()})}
+        assert f"127.0.0.1:{v4.getsockname()[1]}" in found, found
+    if socket.has_ipv6:
+        with socket.socket(socket.AF_INET6) as v6:
+            try:
+                v6.bind(("::1", 0))
+            except OSError:  # no IPv6 loopback here: the IPv4 check above still ran
+                return
+            v6.listen()
+            found = {address for address, _ in demo._listening({os.getpid()})}
+            assert f"[::1]:{v6.getsockname()[1]}" in found, found
+
+
 @pytest.mark.parametrize("address, loopback", [
-    ("127.0.0.1:6379", True), ("[::ffff:127.0.0.1]:41101", True), ("[::1]:8265", True),
+    ("127.0.0.1:6379", True), ("[::ffff:127.0.0.1]:41101", True), ("[::ffff:7f00:1]:41101", True),
+    ("[::1]:8265", True),
     ("0.0.0.0:6379", False), ("*:6379", False), ("[::]:6379", False), ("192.0.2.2:6379", False),
 ])
 def test_is_loopback(address, loopback):
@@ -199,5 +222,6 @@ def test_fake_cluster_scales_up_for_fake_gpu_trials_and_back_down(tmp_path):
             assert r["down"][n] - r["busy_until"][n] >= r["idle_timeout_s"] - 1.0, (n, r["down"], r["busy_until"])
     assert r["listening"] and all(demo.is_loopback(a) for a, _ in r["listening"]), r["listening"]
     assert r["left_over"] == []
-    left = subprocess.run(["ps", "-eww", "-o", "args="], capture_output=True, text=True).stdout
-    assert r["temp_dir"] not in left
+    assert demo.cluster_processes(r["temp_dir"]) == {}  # /proc: nothing names the cluster's temp dir
+    if shutil.which("ps"):  # and the same through ps, where the image has it
+        assert r["temp_dir"] not in subprocess.run(["ps", "-eww", "-o", "args="], capture_output=True, text=True).stdout
