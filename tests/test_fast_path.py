@@ -81,6 +81,8 @@ def test_resolve_defaults_per_device_and_overrides():
     assert not accel.FastPath.resolve("off", "cuda", env={}).enabled
     with pytest.raises(ConfigError, match="fast_path='fast': must be one of auto, on, off, compile"):
         accel.FastPath.resolve("fast", "cpu", env={})
+    with pytest.raises(ConfigError, match="SECSWEEP_CHECKPOINT_EVERY='x': must be >= 1 epoch"):
+        accel.FastPath.resolve("on", "cpu", env={"SECSWEEP_CHECKPOINT_EVERY": "x"})
 
 
 def test_sweep_flag():

@@ -97,11 +97,16 @@ class FastPath:
                 fail(ENV_AUTOCAST, wanted, "must be bf16 or off")
             elif wanted == "" and cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
                 dtype = torch.bfloat16
-        every = int(checkpoint_every or env.get(ENV_CHECKPOINT_EVERY) or 0)
+        raw = checkpoint_every or env.get(ENV_CHECKPOINT_EVERY) or 0
+        try:
+            every = int(raw)
+        except ValueError:
+            every = -1
         if every < 0:
             from .config import fail
 
-            fail("checkpoint_every", every, "must be >= 1 epoch (0 = the device's default)")
+            fail("checkpoint_every" if checkpoint_every else ENV_CHECKPOINT_EVERY, raw,
+                 "must be >= 1 epoch (0 = the fast path's default)")
         if not every:
             preemptible = env.get(ENV_PREEMPTIBLE, "").lower() in ("1", "true", "yes")
             every = DEFAULT_CHECKPOINT_EVERY if on and not preemptible else 1
