@@ -51,10 +51,11 @@ SWEEP = Sweep(
             )),
         },
     },
+    # Blended at batch 32: the one backdoor that implants (val ASR ~0.97) on 3,000 images in 2 epochs
     smoke={
-        "fixed": {"train_size": 3000, "attack_epochs": 2, "epochs": 1},
-        "grid": variants(grid(trainable=["sft"], attack=["badnets"], lr_max1=[0.1], lr_max2=[0.001]),
-                         grid(trainable=["ft"], attack=["badnets"])),
+        "fixed": {"train_size": 3000, "attack_epochs": 2, "attack_batch_size": 32, "epochs": 1},
+        "grid": variants(grid(trainable=["sft"], attack=["blended"], lr_max1=[0.1], lr_max2=[0.001]),
+                         grid(trainable=["ft"], attack=["blended"])),
     },
 )
 

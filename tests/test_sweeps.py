@@ -48,6 +48,8 @@ def test_sft_grid_smoke_logs_structure_to_mlflow(tmp_path, sweep_env):
     table = pd.read_csv(csv)
     assert set(table["trainable"]) == {"sft", "ft"} and (table["status"] == "TERMINATED").all()
     assert table["asr_before"].between(0, 1).all()
+    assert (table["backdoor_implanted"] == 1.0).all(), "the smoke backdoor must implant"  # else nothing is shown
+    assert table["val_asr"].between(0, 1).all() and table["val_clean_acc"].between(0, 1).all()
 
     client, parents, children = runs_of(tmp_path / "mlflow.db", "sft_grid")
     assert len(parents) == 1 and len(children) == 2
@@ -63,7 +65,7 @@ def test_sft_grid_smoke_logs_structure_to_mlflow(tmp_path, sweep_env):
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.data.tags["trial_id"]
         params = child.data.params
-        assert params["attack"] == "badnets" and params["dataset"] == "fashion_mnist"
+        assert params["attack"] == "blended" and params["dataset"] == "fashion_mnist"
         assert {"poison_ratio", "epochs", "clean_fraction", "seed", "batch_size"} <= set(params)  # full resolved config
         if params["trainable"] == "sft":
             assert float(params["lr_max1"]) == 0.1 and float(params["lr_max2"]) == 0.001
@@ -89,9 +91,9 @@ def test_sft_grid_smoke_logs_structure_to_mlflow(tmp_path, sweep_env):
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert f"/#/experiments/{exp.experiment_id}?workflowType=machine_learning" in proc.stderr  # the UI link
     # the backdoored model's stage: keyed by code, provenance from the driver (runtime_env), usage recorded
-    (manifest,) = (tmp_path / "rr" / "stages" / "badnets").glob("*/manifest.json")
+    (manifest,) = (tmp_path / "rr" / "stages" / "blended").glob("*/manifest.json")
     m = json.loads(manifest.read_text())
-    assert "secsweep/training.py" in m["code"]["files"] and "trainables/attacks/badnets.py" in m["code"]["files"]
+    assert "secsweep/training.py" in m["code"]["files"] and "trainables/attacks/blended.py" in m["code"]["files"]
     assert m["provenance"]["commit"] == head and m["provenance"]["source"] == "env"
     sweeps_used = {json.loads(line)["sweep"] for line in (manifest.parent / "usage.jsonl").read_text().splitlines()}
     assert sweeps_used == {parent.info.run_name}  # the sweep's results folder name
@@ -115,7 +117,8 @@ def test_sft_search_optuna_two_objectives(tmp_path, sweep_env):
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pd.read_csv(tmp_path / "r.csv")
     assert len(table) == 2 and (table["status"] == "TERMINATED").all()
-    assert table["pareto"].any()
+    assert (table["backdoor_implanted"] == 1.0).all(), "the smoke backdoor must implant"
+    assert table["pareto"].any()  # the front over val_asr / val_clean_acc
     # Optuna sampled the learning rates inside the declared ranges
     assert table["lr_max1"].between(0.03, 0.3).all() and table["clean_fraction"].between(0.1, 1.0).all()
     _, parents, children = runs_of(tmp_path / "mlflow.db", "sft_search")
