@@ -7,7 +7,7 @@ LR_MAX1 x LR_MAX2 (FTP §3.2, §4.4, §5.3; docs/methods.md §5.2, §5.3, §5.11
 Each backdoored model is trained once (a cached stage) and shared by all its defense trials.
 """
 
-from secsweep.presets import paper_fixed, paper_grid
+from secsweep.presets import PAPER_VICTIM, paper_fixed, paper_grid
 from secsweep.sweep import Sweep, grid, main, variants
 
 ATTACKS = ["badnets", "blended"]
@@ -20,7 +20,7 @@ ATTACKS = ["badnets", "blended"]
 # victim's own attack_lr.
 VICTIMS = {
     "badnets": {"attack_lr": 0.01},
-    "blended": {"attack_lr": 0.001},
+    "blended": {"attack_lr": PAPER_VICTIM["attack_lr"]},  # 0.001
 }
 
 

@@ -97,7 +97,7 @@ def build_parser(sweep: Sweep) -> argparse.ArgumentParser:
     p.add_argument("--reseed-upstream", action="store_true",
                    help="with --seeds: re-seed upstream stages too (victim_seed follows seed) instead of sharing them")
     p.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial (from its last checkpoint)")
-    p.add_argument("--asha", action="store_true", help="ASHA early stopping on the first objective")
+    p.add_argument("--asha", action="store_true", help="ASHA early stopping on the sweep's selection metric (default val_der)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--tracking-drain-timeout", type=float, default=600.0, metavar="S", help="at the end, wait up to S seconds for buffered MLflow writes (an outage); the rest are replayed by --resume")
     p.add_argument("--resources-per-trial", default=None, metavar="JSON", help='custom Ray resources each trial also requests, e.g. \'{"fake_gpu": 1}\' (docs/cluster.md)')
