@@ -101,7 +101,6 @@ def build(model_name: str, shape, classes: int, device):
 
 def stock_epochs(model_name, images, labels, classes, device, batch: int, epochs: int, warmup: int) -> list[float]:
     """(a): seconds per epoch of the DataLoader loop."""
-    import torch
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
 

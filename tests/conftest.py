@@ -1,5 +1,6 @@
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,24 @@ def pytest_runtest_makereport(item, call):
         if ALLOWED_CI_SKIP not in reason:
             report.outcome = "failed"
             report.longrepr = f"skipped in CI, which must run every test but the CUDA ones: {reason}"
+
+
+def processes_with(token: str) -> list[int]:
+    """Live processes whose environment holds `token` (a sweep's driver, Ray's raylet, GCS, workers
+    all inherit it), whatever process group or session they moved to."""
+    found = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if token.encode() in env.read_bytes() and Path(env.parent, "stat").read_text().split()[2] != "Z":
+                found.append(int(env.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def processes_after(token: str, grace_s: float = 30) -> list[int]:
+    """processes_with(token) once they had `grace_s` seconds to exit (Ray's stop asynchronously)."""
+    deadline = time.time() + grace_s
+    while (left := processes_with(token)) and time.time() < deadline:
+        time.sleep(0.5)
+    return left

@@ -3,7 +3,6 @@ trains the 1-worker trial's recipe (same metrics within a stated tolerance)."""
 
 from __future__ import annotations
 
-import pandas as pd
 import pytest
 import torch
 

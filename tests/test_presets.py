@@ -8,7 +8,6 @@ real on-disk format (the availability check runs for real; no trial starts).
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 

@@ -7,7 +7,6 @@ of a backdoor that never reached `min_asr_before` is flagged and no objective ca
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import numpy as np
@@ -17,7 +16,6 @@ import torch
 
 from secsweep import registry
 from secsweep.backdoor import load_split, poisoned_train_set
-from secsweep.config import build
 from secsweep.context import LocalContext
 from secsweep.data import stratified_split
 from secsweep.errors import ConfigError

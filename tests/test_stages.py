@@ -252,7 +252,7 @@ import sys
 from secsweep import registry, stages
 from secsweep.context import LocalContext
 from secsweep.errors import SecsweepError
-from secsweep.stages import (CHECKPOINT, Fingerprint, StageLockTimeoutError, cleanup_temporaries,
+from secsweep.stages import (CHECKPOINT, StageLockTimeoutError, cleanup_temporaries,
                              code_fingerprint, read_usage)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -403,7 +403,7 @@ def test_leftover_temporary_folders_are_cleaned_up(tmp_path):
     host, dead = socket.gethostname(), _dead_pid()
     leftovers = [sdir / f"{key}.tmp-{dead}", sdir / f"{key}.tmp-{dead}-work",  # an older version's, same key
                  sdir / f"otherkey.tmp-{host}-{dead}",                       # a dead process's, another key
-                 sdir / f"finished.work"]                                    # a completed stage's work folder
+                 sdir / "finished.work"]                                    # a completed stage's work folder
     alive = [sdir / f"otherkey.tmp-{host}-{os.getpid()}",                    # a live process is writing it
              sdir / f"otherkey.tmp-elsewhere-{dead}",                        # another host: cannot tell
              sdir / "unfinished.work"]                                       # resume state of an unfinished stage

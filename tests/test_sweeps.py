@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import FASHION, ROOT
+from conftest import FASHION, ROOT, processes_after
 
 PY = sys.executable
 
@@ -206,27 +206,6 @@ def test_resume_replays_the_saved_command_line_and_refuses_conflicts(tmp_path, c
         assert code == 2 and len(err) == 1, err
         assert err[0].startswith(f"error: {name}=") and "conflicts with the resumed sweep" in err[0], err[0]
     assert [p.name for p in exp.iterdir()] == [STATE_FILE]  # nothing launched: no Tune state, no journal
-
-
-def processes_with(token: str) -> list[int]:
-    """Live processes whose environment holds `token` (a sweep's driver, Ray's raylet, GCS, workers
-    all inherit it), whatever process group or session they moved to."""
-    found = []
-    for env in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if token.encode() in env.read_bytes() and Path(env.parent, "stat").read_text().split()[2] != "Z":
-                found.append(int(env.parent.name))
-        except OSError:
-            continue
-    return found
-
-
-def processes_after(token: str, grace_s: float = 30) -> list[int]:
-    """processes_with(token) once they had `grace_s` seconds to exit (Ray's stop asynchronously)."""
-    deadline = time.time() + grace_s
-    while (left := processes_with(token)) and time.time() < deadline:
-        time.sleep(0.5)
-    return left
 
 
 def metric_points(client, run) -> dict[str, list[tuple[int, float]]]:

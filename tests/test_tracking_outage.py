@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT
+from conftest import ROOT, processes_after
 
 PY = sys.executable
 MIN_OUTAGE_S = 10.0   # MLflow's own retries with the settings below give up after ~3 s
@@ -58,17 +58,6 @@ def kill_group(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-
-
-def processes_with(token: str) -> list[int]:
-    found = []
-    for env in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if token.encode() in env.read_bytes() and Path(env.parent, "stat").read_text().split()[2] != "Z":
-                found.append(int(env.parent.name))
-        except OSError:
-            continue
-    return found
 
 
 def test_sweep_survives_a_tracking_server_outage(tmp_path, sweep_env):
@@ -128,10 +117,7 @@ def test_sweep_survives_a_tracking_server_outage(tmp_path, sweep_env):
             assert steps == list(range(1, 11)), (k.info.run_name, key, steps)  # every epoch, exactly once
     # the final report reached the parent run's artifacts, which the server stores under `arts`
     assert list(arts.glob(f"**/{parents[0].info.run_id}/artifacts/results.csv")), sorted(arts.rglob("*"))
-    deadline = time.time() + 30
-    while processes_with(token) and time.time() < deadline:
-        time.sleep(0.5)
-    assert not processes_with(token), "Ray left running"
+    assert not processes_after(token), "Ray left running"
 
 
 def test_writes_a_killed_driver_left_are_replayed_once(tmp_path, monkeypatch):
