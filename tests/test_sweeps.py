@@ -213,6 +213,38 @@ def metric_points(client, run) -> dict[str, list[tuple[int, float]]]:
             for k in run.data.metrics}
 
 
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, sweep_env):
+    """Ctrl-C (SIGINT to the driver) once a trial finished: exit 130, the resume command printed, the
+    parent run KILLED (not FAILED), the finished trial's run FINISHED, and no Ray process left."""
+    db, rr = tmp_path / "mlflow.db", tmp_path / "rr"
+    token = f"SECSWEEP_TEST_{uuid.uuid4().hex}"
+    proc = subprocess.Popen([PY, str(ROOT / "tests/scripts/tiny_sweep.py"), "--storage-path", str(rr),
+                             "--tracking-uri", f"sqlite:///{db}", "--max-concurrent", "2", "--preset", "uneven"],
+                            cwd=tmp_path, env={**sweep_env, token: "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline, finished = time.time() + 240, []
+        while time.time() < deadline and proc.poll() is None and not finished:
+            time.sleep(0.5)
+            if any(rr.glob("tiny_sweep-*/secsweep.json")):
+                try:
+                    finished = [c for c in runs_of(db, "tiny_sweep")[2] if c.info.status == "FINISHED"]
+                except AssertionError:
+                    continue
+        assert finished, "no trial finished before the deadline"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out[-3000:]
+    assert "--resume" in out
+    _, parents, children = runs_of(db, "tiny_sweep")
+    assert [p.info.status for p in parents] == ["KILLED"]
+    assert any(c.info.status == "FINISHED" for c in children)
+    assert not processes_after(token), "Ray left running after Ctrl-C"
+
+
 def test_resume_after_sigkill_of_the_driver_group_is_faithful(tmp_path, sweep_env):
     """SIGKILL of the driver's whole process group (local Ray included) as soon as MLflow shows a
     trial FINISHED (Tune's snapshot then usually still has it running) while another is mid-way,
