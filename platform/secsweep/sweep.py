@@ -800,6 +800,14 @@ def _launch(plan_: Plan, args) -> int:
         finally:
             _shutdown_ray(ray)  # first and always: the report needs no Ray, and none may be left running
         frame = results_frame(results)
+        if len(frame):
+            # after Ctrl-C Tune marks the trials it stopped TERMINATED; only those the driver saw
+            # complete (the ledger) are finished, the rest are resumed by --resume
+            from .ledger import completed
+
+            done = set(completed(exp_dir))
+            stopped = frame["status"].eq("TERMINATED") & ~frame["trial_id"].astype(str).isin(done)
+            frame.loc[stopped, "status"] = "UNFINISHED"
         unfinished = int((frame["status"] == "UNFINISHED").sum()) if len(frame) else 0
         # a trial resumed from an older checkpoint repeats epochs in Tune's history; MLflow keeps the first
         histories = {tid: df.drop_duplicates(subset="epoch", keep="first")
