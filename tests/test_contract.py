@@ -11,12 +11,15 @@ import math
 import pytest
 import torch
 
-from secsweep import registry
+from secsweep import artifacts, registry
 from secsweep.context import LocalContext
 
 torch.set_num_threads(1)
 TINY = {"dataset": "digits", "model": "smallcnn", "attack_epochs": 1, "attack_batch_size": 64}
-PER_KIND = {"defense": {"epochs": 1, "batch_size": 64}}
+PER_KIND = {
+    "defense": {"epochs": 1, "batch_size": 64},
+    "encoder": {"epochs": 1, "batch_size": 64, "monitor_size": 200, "train_size": 600},
+}
 
 
 @pytest.mark.parametrize("name", registry.names())
@@ -33,5 +36,12 @@ def test_trainable_runs_one_tiny_epoch_and_reports_declared_metrics(name, tmp_pa
         assert metric in last, f"{name} did not report {metric}"
         assert isinstance(last[metric], float) and math.isfinite(last[metric])
     assert last["device_hours"] >= 0
-    assert (tmp_path / "w" / "outputs" / "model.safetensors").is_file() or (
-        tmp_path / "w" / "outputs").exists(), "trainable saved no output"
+    assert (tmp_path / "w" / "outputs").exists(), "trainable saved no output"
+    # the model artifacts its kind promises, each rebuildable from its card alone
+    for output, role in spec.contract.outputs.items():
+        model, card = artifacts.load(tmp_path / "w" / "outputs", output, role=role)
+        assert card.role == role and card.provenance.get("trainable", name) == name
+        if card.input is not None:
+            x = torch.rand(2, card.input.channels, card.input.size, card.input.size)
+            out = model.eval()(x)
+            assert out.shape[0] == 2 and torch.isfinite(out).all()

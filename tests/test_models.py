@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from secsweep.errors import ConfigError
+from secsweep import models as models_mod
 from secsweep.models import MODELS, build_model, model_names, register_model
 
 PREACT_RESNET18_PARAMS = 11_172_170  # 10 classes, with the final BN (see PreActResNet18 docstring)
@@ -26,7 +27,7 @@ def _tiny(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
 
 def test_registry_lists_builtin_models():
     assert model_names() == ("preact_resnet18", "smallcnn")
-    assert set(MODELS) == set(model_names())
+    assert set(MODELS) == set(model_names()) | {"mlp", "encoder_classifier"}  # heads/composites: not recipes
 
 
 def test_unknown_model_is_one_line_config_error_with_choices():
@@ -40,7 +41,7 @@ def test_unknown_model_is_one_line_config_error_with_choices():
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"num_classes": 0}, "num_classes=0"),
+        ({"num_classes": -1}, "num_classes=-1"),
         ({"num_classes": 10, "in_channels": 0}, "in_channels=0"),
         ({"num_classes": 10, "image_size": 4}, "image_size=4"),
         ({"num_classes": 10, "depth": 3}, "'depth'"),
@@ -68,6 +69,7 @@ def test_register_model_adds_and_refuses_duplicates():
             register_model("_test_linear")(_linear)
     finally:
         MODELS.pop("_test_linear")
+        models_mod._IMAGE_MODELS.discard("_test_linear")
 
 
 # ---------------------------------------------------------------------------- shapes
@@ -215,3 +217,38 @@ def test_init_is_deterministic_given_the_seed(name):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["head.weight"], c["head.weight"])
+
+
+# ---------------------------------------------------------------------------- encoders and composites
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_num_classes_zero_builds_the_encoder_whose_forward_is_features(name):
+    torch.manual_seed(0)
+    enc = build_model(name, 0, 1, 28, **({"width": 8} if name == "smallcnn" else {}))
+    x = torch.rand(2, 1, 28, 28)
+    enc.eval()
+    assert isinstance(enc.head, nn.Identity)
+    assert torch.equal(enc(x), enc.features(x)) and enc(x).shape == (2, enc.feature_dim)
+
+
+def test_build_from_artifact_description_and_encoder_classifier_delegates_handles():
+    from secsweep.models import build
+
+    enc_desc = {"arch": "smallcnn", "args": {"num_classes": 0, "in_channels": 1, "image_size": 28, "width": 8}}
+    clf = build("encoder_classifier", {"encoder": enc_desc, "num_classes": 5})
+    x = torch.rand(3, 1, 28, 28)
+    assert clf(x).shape == (3, 5)
+    assert clf.feature_dim == 32 and clf.last_conv is clf.encoder.last_conv
+    assert len(clf.attention_layers()) == 3
+    # the backbone is a real encoder: copying its weights into a fresh one reproduces the features
+    enc = build("smallcnn", enc_desc["args"])
+    enc.load_state_dict(clf.encoder.state_dict())
+    clf.eval(), enc.eval()
+    assert torch.allclose(enc(x), clf.features(x))
+    head = build("mlp", {"in_dim": 32, "out_dim": 7, "hidden_dim": 16, "layers": 2})
+    assert head(torch.rand(4, 32)).shape == (4, 7)
+    with pytest.raises(ConfigError, match="'depth'.*mlp"):
+        build("mlp", {"in_dim": 3, "out_dim": 2, "depth": 4})
+    with pytest.raises(ConfigError, match="must be one of"):
+        build_model("mlp", 3)  # not an image model

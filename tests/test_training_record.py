@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import secsweep.backdoor as backdoor
+import secsweep.loop as loop
 from secsweep import registry, trainset
 from secsweep.backdoor import load_split, load_victim
 from secsweep.context import LocalContext
@@ -41,7 +42,7 @@ def trained(tmp_path_factory):
     fed: dict[str, list] = {}
     current: list[str] = []
     mp = pytest.MonkeyPatch()
-    real_epoch = backdoor.train_epoch
+    real_epoch = loop.train_epoch  # the one training loop (secsweep.loop.fit) every recipe goes through
 
     def spy_epoch(model, images, labels, *args, **kw):  # what fit() trains on, epoch by epoch
         fed[current[0]].append((images.clone(), labels.clone()))
@@ -55,7 +56,7 @@ def trained(tmp_path_factory):
             lambda m, inp: fed[current[0]].append(inp[0].detach().cpu().clone()) if m.training else None)
         return model
 
-    mp.setattr(backdoor, "train_epoch", spy_epoch)
+    mp.setattr(loop, "train_epoch", spy_epoch)
     mp.setattr(inputaware_mod, "build_victim_model", spy_build)
     out = {}
     try:

@@ -129,6 +129,10 @@ class DefenseConfig(VictimConfig):
     def data_seed(self) -> int:
         return self.victim_seed  # the defender holds the victim's clean training data, split the same way
 
+    def upstream_stages(self) -> list[tuple[str, Any]]:
+        """The stage a trial of this defense needs first: the backdoored model (`secsweep.refs.upstream`)."""
+        return [(self.attack, self.attack_config())]
+
     def attack_config(self) -> Any:
         from . import registry
 
@@ -207,6 +211,25 @@ def build_victim_model(cfg: VictimConfig, ds: data_mod.ImageSet) -> nn.Module:
     return models_mod.build_model(cfg.model, ds.num_classes, in_channels=c, image_size=h)
 
 
+def input_shape(cfg: Any) -> tuple[int, int]:
+    """(channels, size) of the images a recipe's `load_split` yields (its dataset, `channels`, `image_size`)."""
+    c, h, _ = data_mod.native_shape(cfg.dataset)
+    return (getattr(cfg, "channels", 0) or c, getattr(cfg, "image_size", 0) or h)
+
+
+def save_classifier(ctx: Context, model: nn.Module, cfg: Any, *, name: str = "model",
+                    shape: tuple[int, int] | None = None) -> None:
+    """Save a classifier of the recipe `cfg` (architecture `cfg.model`) as the model artifact `name`
+    (`Context.save_model`): its card records the architecture, the classes of its head and the
+    input contract, so consumers rebuild it with `ctx.load_model` alone."""
+    from .artifacts import InputContract
+
+    bare = unwrap(model)
+    c, h = shape or input_shape(cfg)
+    args = {"num_classes": int(bare.head.out_features), "in_channels": int(c), "image_size": int(h)}
+    ctx.save_model(name, bare, cfg.model, args, "classifier", input=InputContract(int(c), int(h)))
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare model inside a DistributedDataParallel wrapper."""
     return getattr(model, "module", model)
@@ -272,7 +295,8 @@ def fit(
     extra_state: Mapping[str, Any] | None = None,
     transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
 ) -> nn.Module:
-    """SGD over (images, labels) for `epochs`, learning rate `lr_at(step)`; after every epoch report
+    """SGD over (images, labels) for `epochs`, learning rate `lr_at(step)` (`secsweep.loop.fit` with
+    the SGD recipe of the standalone scenario); after every epoch report
     `evaluate(model)` plus `extra` with a checkpoint, and resume from the last one after a restart.
 
     `images` may instead be a function of the 0-based epoch returning (images, labels), for training
@@ -283,28 +307,12 @@ def fit(
     on the epochs `ctx.checkpoint_due` names (every `ctx.checkpoint_every`, and the last); the other
     epochs report metrics only. Returns the bare (unwrapped) model; the caller saves it.
     """
-    model = ctx.prepare_model(model)
-    opt = torch.optim.SGD(model.parameters(), lr=lr_at(0), momentum=momentum, weight_decay=weight_decay)
-    start, step = 0, 0
-    state = ctx.restored()
-    if state and "model" in state:
-        unwrap(model).load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, step = int(state["epoch"]), int(state["step"])
-    kw: dict[str, Any] = {"loss_fn": loss_fn} if loss_fn is not None else {}
-    if transform is not None:
-        kw["transform"] = transform
-    for epoch in range(start, epochs):
-        x, y = images(epoch) if callable(images) else (images, labels)
-        step, loss = train_epoch(model, x, y, opt, ctx, batch_size=batch_size, seed=seed, epoch=epoch,
-                                 step=step, lr_at=lr_at, **kw)
-        metrics = {EPOCH: epoch + 1, LR: lr_at(max(step - 1, 0)), "train_loss": loss, **(extra or {})}
-        if evaluate is not None:
-            metrics.update(evaluate(model, ctx.device))
-        due = ctx.checkpoint_due(epoch + 1, last=epoch + 1 == epochs)  # every k epochs (secsweep.accel)
-        ctx.report(metrics, state={**(extra_state or {}), "model": unwrap(model).state_dict(),
-                                   "optimizer": opt.state_dict(), "epoch": epoch + 1, "step": step} if due else None)
-    return unwrap(model)
+    from .loop import fit as loop_fit  # the one training loop (secsweep.loop); this is its SGD recipe
+
+    data = images if callable(images) else (images, labels)
+    return loop_fit(model, data, ctx, epochs=epochs, batch_size=batch_size, seed=seed, lr_at=lr_at, opt="sgd",
+                    momentum=momentum, weight_decay=weight_decay, evaluate=evaluate, extra=extra,
+                    loss_fn=loss_fn, extra_state=extra_state, transform=transform)
 
 
 def constant(lr: float) -> Callable[[int], float]:
@@ -330,7 +338,7 @@ def train_backdoored(cfg: VictimConfig, ctx: Context, trigger: Trigger) -> nn.Mo
     model = fit(model, pset.images, pset.labels, ctx, epochs=cfg.attack_epochs, batch_size=cfg.attack_batch_size,
                 seed=cfg.seed, lr_at=constant(cfg.attack_lr), momentum=cfg.attack_momentum,
                 weight_decay=cfg.attack_weight_decay, evaluate=evaluate, transform=cfg.train_transform())
-    ctx.save_output("model", model.state_dict())
+    save_classifier(ctx, model, cfg)
     # the same static set in every epoch: the trigger rebuilds it from the record's mask (secsweep.trainset)
     trainset.save_record(ctx, train, labels=pset.labels, true_labels=pset.true_labels, poisoned=pset.poisoned,
                          epoch=cfg.attack_epochs - 1, mode=trainset.STATIC)
@@ -384,10 +392,9 @@ def load_victim(cfg: DefenseConfig, ctx: Context) -> Victim:
     out = ctx.stage(cfg.attack, attack_cfg)
     trigger = spec.hooks["trigger"](attack_cfg, out)
     train = load_split(cfg, ctx, "train")
-    model = build_victim_model(cfg, train)
-    model.load_state_dict(out.tensors("model"))
+    model, _ = ctx.load_model(out, "model", role="classifier")
     evaluate = BackdoorEval.for_victim(cfg, ctx, trigger)
-    return Victim(model.to(ctx.device), trigger, train, evaluate, attack_cfg, out.metrics, cfg.min_asr_before,
+    return Victim(model, trigger, train, evaluate, attack_cfg, out.metrics, cfg.min_asr_before,
                   output=out, attack=cfg.attack)
 
 
@@ -447,5 +454,5 @@ def finetune(
     model = fit(victim.model, data.images, data.labels, ctx, epochs=cfg.epochs, batch_size=cfg.batch_size,
                 seed=cfg.seed, lr_at=lr_at, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                 evaluate=victim.evaluate, extra=base, transform=cfg.train_transform())
-    ctx.save_output("model", model.state_dict())
+    save_classifier(ctx, model, cfg)
     return model

@@ -16,7 +16,9 @@ import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
+from . import refs
 from .errors import ConfigError
+from .refs import StageRef
 
 C = TypeVar("C")
 SEED_LIMIT = 2**31  # seeds are scaled (x 100_003, secsweep.training.epoch_order) and must stay in int64
@@ -99,6 +101,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         fail(name, value, f"must be {tp}")
     if tp is Any:
         return value
+    if tp is StageRef:
+        return refs.coerce(name, value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail(name, value, "must be a number")
@@ -157,8 +161,47 @@ def build(cls: type[C], values: Mapping[str, Any], *, what: str = "config",
         raise
 
 
+def is_ref_field(tp: Any) -> bool:
+    return tp is StageRef
+
+
+def split_dotted(key: str, types_: Mapping[str, Any]) -> tuple[str, str] | None:
+    """("encoder", "epochs") for the key "encoder.epochs" when `encoder` is a StageRef field."""
+    head, sep, rest = key.partition(".")
+    if sep and rest and is_ref_field(types_.get(head)):
+        return head, rest
+    return None
+
+
+def _merge_dotted(cls: type, values: Mapping[str, Any], types_: Mapping[str, Any]) -> dict[str, Any]:
+    """Fold `ref.field=value` keys into the StageRef field `ref` (its given value or its default)."""
+    out: dict[str, Any] = {}
+    dotted: dict[str, dict[str, Any]] = {}
+    for k, v in values.items():
+        split = split_dotted(k, types_)
+        if split:
+            dotted.setdefault(split[0], {})[split[1]] = v
+        else:
+            out[k] = v
+    for head, sub in dotted.items():
+        if head in out:
+            base = out[head]
+        else:
+            f = next(f for f in dataclasses.fields(cls) if f.name == head)
+            base = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if isinstance(base, StageRef):
+            base = base.as_value()
+        elif isinstance(base, str):
+            base = {"trainable": base}
+        elif not isinstance(base, Mapping):
+            fail(head, base, "must be a trainable name or a mapping {'trainable': NAME, ...}")
+        out[head] = {**base, **sub}
+    return out
+
+
 def _build(cls: type[C], values: Mapping[str, Any], what: str) -> C:
     types_ = field_types(cls)
+    values = _merge_dotted(cls, values, types_)
     unknown = sorted(set(values) - set(types_))
     if unknown:
         fail(unknown[0], values[unknown[0]], f"unknown key for {what}; allowed: {', '.join(sorted(types_))}")
@@ -172,5 +215,10 @@ def _build(cls: type[C], values: Mapping[str, Any], what: str) -> C:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain dict of a config dataclass (tuples kept), for hashing, logging and MLflow params."""
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    """Plain dict of a config dataclass (tuples kept), for hashing, logging and MLflow params; a
+    StageRef field becomes {"trainable": ..., "config": <its resolved config>}, recursively."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = v.as_dict() if isinstance(v, StageRef) else v
+    return out

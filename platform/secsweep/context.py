@@ -10,6 +10,7 @@ runtime module adds contexts that report to Ray Tune or Ray Train.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import numbers
 import os
@@ -47,8 +48,12 @@ class Context:
         devices_per_trial: float = 1.0,
         output_dir: str | os.PathLike | None = None,
         fast: accel.FastPath | None = None,
+        run_info: Mapping[str, Any] | None = None,
     ):
         self.workdir = Path(workdir)
+        # what is running here (trainable, resolved config, code digest): the provenance model
+        # artifacts carry (`save_model`); set by the runtime and by `stage`
+        self.run_info: dict[str, Any] = dict(run_info or {})
         self.device = torch.device(device)
         # how this trial uses its device (secsweep.accel): given by the runtime, else the device's
         # default (the fast path on CUDA, the reference path on the CPU); the evaluation loops follow it
@@ -151,13 +156,44 @@ class Context:
             return self.output_dir / f"{name}.safetensors"
         return save_tensors(self.output_dir, name, tensors)
 
+    def save_model(self, name: str, model: nn.Module, arch: str, args: Mapping[str, Any], role: str, *,
+                   input: "artifacts.InputContract | None" = None) -> Path:
+        """Save `model` (built as `secsweep.models.build(arch, args)`) as the model artifact `name`:
+        safetensors weights and a model card with its architecture, role, input contract and this
+        run's provenance (`secsweep.artifacts`). Consumers rebuild it with `load_model`."""
+        from . import artifacts
+
+        card = artifacts.card_for(model, arch, args, role, input=input)
+        card = dataclasses.replace(card, provenance=dict(self.run_info))
+        if self.rank != 0:
+            return self.output_dir / f"{name}.safetensors"
+        return artifacts.save(self.output_dir, name, model, card)
+
+    def load_model(self, ref: Any, name: str | None = None, *, role: str | tuple[str, ...] | None = None,
+                   cfg: Any = None) -> tuple[nn.Module, "artifacts.ModelCard"]:
+        """The model artifact `name` of an upstream stage, rebuilt from its card and on this trial's
+        device: `ref` is a `StageRef` (computed once, cached), a trainable name with `cfg`, or a
+        `StageOutput` already in hand. `name` defaults to the first output the stage's kind
+        declares ("encoder" for encoders, "model" for classifiers); `role` refuses any other role."""
+        from . import artifacts, registry
+        from .refs import StageRef
+
+        out = ref if isinstance(ref, StageOutput) else self.stage(ref, cfg)
+        if name is None:
+            trainable = ref.trainable if isinstance(ref, StageRef) else (
+                ref if isinstance(ref, str) else out.manifest.get("stage", ""))
+            declared = registry.get(trainable).contract.outputs if trainable else {}
+            name = next(iter(declared), "model")
+        return artifacts.load(out.path, name, role=role, device=self.device)
+
     # -- upstream stages ----------------------------------------------------------------------
     # seconds to wait for another process computing the same stage; None: $SECSWEEP_STAGE_LOCK_TIMEOUT_S
     # or 6 h (secsweep.stages.lock_timeout_from_env)
     stage_lock_timeout_s: float | None = None
 
-    def stage(self, trainable: str, cfg: Any) -> StageOutput:
-        """Run (once, cached) the trainable `trainable` with `cfg` as an upstream stage of this trial.
+    def stage(self, trainable: Any, cfg: Any = None) -> StageOutput:
+        """Run (once, cached) the trainable `trainable` with `cfg` as an upstream stage of this trial;
+        `trainable` may instead be a `secsweep.refs.StageRef` (then `cfg` is its config).
 
         The cache key covers `cfg` and the code (secsweep.stages.code_fingerprint of the package and
         the trainable's module). The computation checkpoints every report that carries `state` into
@@ -165,9 +201,15 @@ class Context:
         """
         t0 = time.monotonic()  # from here on: stage time, not charged to this trial (device_hours)
         from . import provenance, registry  # late: registry imports trainables, which import this module
+        from .config import to_dict
+        from .refs import StageRef, upstream_modules
 
+        if isinstance(trainable, StageRef):
+            trainable, cfg = trainable.trainable, trainable.config()
+        if cfg is None:
+            raise TypeError("stage(trainable, cfg): the config of the stage is missing")
         spec = registry.get(trainable)
-        code = code_fingerprint([spec.fn.__module__])
+        code = code_fingerprint([spec.fn.__module__, *upstream_modules(cfg)])
 
         def compute(outdir: Path, workdir: Path):
             sub = LocalContext(
@@ -179,6 +221,7 @@ class Context:
                 stage_root=self.stage_root,
                 checkpoint=workdir / CHECKPOINT,
                 fast=self.fast,
+                run_info={"trainable": trainable, "config": to_dict(cfg), "code": code.digest},
             )
             resumed = len(sub.history)
             if resumed:

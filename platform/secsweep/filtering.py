@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from .backdoor import DefenseConfig, Victim, build_victim_model, constant, fit
+from .backdoor import DefenseConfig, Victim, build_victim_model, constant, fit, save_classifier
 from .config import one_of
 from .context import Context
 from .names import AUC, FPR, TPR
@@ -79,5 +79,5 @@ def retrain_without(cfg: DefenseConfig, ctx: Context, victim: Victim, pset: Pois
                 batch_size=cfg.attack_batch_size, seed=cfg.seed, lr_at=constant(cfg.attack_lr),
                 momentum=cfg.attack_momentum, weight_decay=cfg.attack_weight_decay,
                 evaluate=victim.evaluate, extra=extra, transform=cfg.train_transform())
-    ctx.save_output("model", model.state_dict())
+    save_classifier(ctx, model, cfg)
     return model

@@ -34,21 +34,28 @@ ModelBuilder = Callable[..., nn.Module]
 MODELS: dict[str, ModelBuilder] = {}
 
 
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    """Decorator adding a builder ``fn(num_classes, in_channels, image_size, **options)`` to MODELS."""
+_IMAGE_MODELS: set[str] = set()  # builders of the image-classifier signature (usable as encoders)
+
+
+def register_model(name: str, *, image: bool = True) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Decorator adding a builder to MODELS: an image model ``fn(num_classes, in_channels,
+    image_size, **options)`` by default, or (``image=False``) any module builder with keyword
+    arguments, e.g. a projection head or a composite of an encoder and a head."""
 
     def decorator(fn: ModelBuilder) -> ModelBuilder:
         if name in MODELS:
             raise ConfigError(f"model={name!r}: already registered by {MODELS[name].__qualname__}")
         MODELS[name] = fn
+        if image:
+            _IMAGE_MODELS.add(name)
         return fn
 
     return decorator
 
 
 def model_names() -> tuple[str, ...]:
-    """Registered model names, sorted."""
-    return tuple(sorted(MODELS))
+    """Registered image-model names (the `model` field of a recipe), sorted."""
+    return tuple(sorted(_IMAGE_MODELS))
 
 
 def _check_options(name: str, builder: ModelBuilder, options: dict[str, Any]) -> None:
@@ -70,17 +77,43 @@ def build_model(
     `image_size` (pixels, the shorter side) is only validated: every model pools adaptively.
     `options` are model-specific keywords, e.g. ``width`` for smallcnn.
     """
-    if name not in MODELS:
+    if name not in _IMAGE_MODELS:
         raise ConfigError(f"model={name!r}: must be one of {', '.join(model_names())}")
-    if num_classes < 1:
-        raise ConfigError(f"num_classes={num_classes}: must be >= 1")
+    if num_classes < 0:
+        raise ConfigError(f"num_classes={num_classes}: must be >= 1, or 0 for an encoder (no head)")
     if in_channels < 1:
         raise ConfigError(f"in_channels={in_channels}: must be >= 1")
     if image_size < MIN_IMAGE_SIZE:
         raise ConfigError(f"image_size={image_size}: must be >= {MIN_IMAGE_SIZE} pixels")
     builder = MODELS[name]
     _check_options(name, builder, options)
-    return builder(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **options)
+    model = builder(num_classes=max(num_classes, 1), in_channels=in_channels, image_size=image_size, **options)
+    if num_classes == 0:  # an encoder: the backbone alone, forward(x) == features(x)
+        model.head = nn.Identity()
+    return model
+
+
+def build(arch: str, args: dict[str, Any]) -> nn.Module:
+    """Build any registered architecture from its artifact description (`secsweep.artifacts`):
+    image models take ``num_classes`` (0 = encoder), ``in_channels``, ``image_size`` and their
+    options; the other builders (heads, composites) take exactly their own keyword arguments."""
+    if arch not in MODELS:
+        raise ConfigError(f"model={arch!r}: must be one of {', '.join(model_names())}")
+    args = dict(args)
+    if arch in _IMAGE_MODELS:
+        return build_model(arch, int(args.pop("num_classes")), int(args.pop("in_channels", 3)),
+                           int(args.pop("image_size", 32)), **args)
+    builder = MODELS[arch]
+    allowed = set(inspect.signature(builder).parameters)
+    unknown = sorted(set(args) - allowed)
+    if unknown:
+        raise ConfigError(f"model option {unknown[0]!r} for model={arch!r}: must be one of {', '.join(sorted(allowed))}")
+    return builder(**args)
+
+
+def encoder_names() -> tuple[str, ...]:
+    """Image models usable as encoders (backbones): every classifier without its head."""
+    return tuple(sorted(_IMAGE_MODELS))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,3 +278,74 @@ class PreActResNet18(nn.Module):
 def preact_resnet18(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     """PreActResNet18 (He et al. 2016; FTP §4.4's backdoored-model architecture)."""
     return PreActResNet18(num_classes, in_channels)
+
+
+# --------------------------------------------------------------------------------------------------
+# heads and composites: what encoder-based methods put on top of a backbone
+# --------------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """``layers`` linear layers in_dim -> hidden ... -> out_dim, BatchNorm + ReLU between them
+    (SimCLR's projection head is the 2-layer case; a 1-layer MLP is a linear layer)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 512, layers: int = 2, batch_norm: bool = True):
+        super().__init__()
+        if layers < 1:
+            raise ConfigError(f"layers={layers}: must be >= 1")
+        dims = [in_dim] + [hidden_dim] * (layers - 1) + [out_dim]
+        mods: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            mods.append(nn.Linear(a, b))
+            if i < layers - 1:
+                mods += [nn.BatchNorm1d(b)] if batch_norm else []
+                mods.append(nn.ReLU(inplace=True))
+        self.net = nn.Sequential(*mods)
+        self.in_dim, self.out_dim = in_dim, out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@register_model("mlp", image=False)
+def mlp(in_dim: int, out_dim: int, hidden_dim: int = 512, layers: int = 2, batch_norm: bool = True) -> nn.Module:
+    """An MLP head (projection heads, downstream classifiers, predictors)."""
+    return MLP(in_dim, out_dim, hidden_dim, layers, batch_norm)
+
+
+class EncoderClassifier(nn.Module):
+    """A downstream classifier: an encoder (backbone) followed by a linear or MLP head.
+
+    It has the handles every defense uses (``features``, ``head``, ``feature_dim``, ``last_conv``,
+    ``attention_layers``), delegated to the backbone, so the defenses of the standalone scenario
+    (FT, SFT, NC, ...) run unchanged on a classifier built on a pre-trained encoder (docs/methods.md,
+    the encoder-based scenario).
+    """
+
+    def __init__(self, encoder: nn.Module, num_classes: int, hidden_dim: int = 0):
+        super().__init__()
+        self.encoder = encoder
+        self.feature_dim = encoder.feature_dim
+        self.head = (nn.Linear(self.feature_dim, num_classes) if hidden_dim <= 0 else
+                     MLP(self.feature_dim, num_classes, hidden_dim, layers=2, batch_norm=False))
+
+    @property
+    def last_conv(self) -> nn.Conv2d:
+        return self.encoder.last_conv
+
+    def attention_layers(self) -> list[nn.Module]:
+        return self.encoder.attention_layers()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@register_model("encoder_classifier", image=False)
+def encoder_classifier(encoder: dict, num_classes: int, hidden_dim: int = 0) -> nn.Module:
+    """`encoder`: the backbone's artifact description ``{"arch": ..., "args": {...}}`` (built without
+    a head); `hidden_dim` 0 = a linear head, > 0 = a 2-layer MLP head of that width."""
+    backbone = build(encoder["arch"], {**encoder.get("args", {}), "num_classes": 0})
+    return EncoderClassifier(backbone, num_classes, hidden_dim)

@@ -17,8 +17,53 @@ from . import config as _config
 from .errors import ConfigError
 from .names import ASR, CLEAN_ACC, DEVICE_HOURS
 
-KINDS = ("model", "attack", "defense", "detector", "sequela")  # model: clean training, an upstream stage
 DEFAULT_METRICS = (ASR, CLEAN_ACC, DEVICE_HOURS)
+
+
+@dataclasses.dataclass(frozen=True)
+class KindContract:
+    """What every trainable of a kind promises (checked at registration and by the contract test).
+
+    hooks:      entry points it must register (an attack's `trigger`);
+    outputs:    model artifacts (`secsweep.artifacts`) it must save, name -> role;
+    objectives: what a search over it optimises unless the sweep says otherwise (validation metrics);
+    selection:  the one metric ASHA and one-objective searches use, with its mode.
+    """
+
+    hooks: tuple[str, ...] = ()
+    outputs: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    objectives: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    selection: tuple[str, str] | None = None
+
+
+_BACKDOOR_OBJECTIVES = {"val_asr": "min", "val_clean_acc": "max"}
+CONTRACTS: dict[str, KindContract] = {
+    # a clean model trained as an upstream stage
+    "model": KindContract(outputs={"model": "classifier"}, objectives={"val_clean_acc": "max"},
+                          selection=("val_clean_acc", "max")),
+    # a backdoored classifier: trained with a trigger the defenses and sequela rebuild
+    "attack": KindContract(hooks=("trigger",), outputs={"model": "classifier"},
+                           objectives={"val_asr": "max", "val_clean_acc": "max"}, selection=("val_clean_acc", "max")),
+    "defense": KindContract(objectives=_BACKDOOR_OBJECTIVES, selection=("val_der", "max")),
+    "detector": KindContract(objectives=_BACKDOOR_OBJECTIVES, selection=("val_der", "max")),
+    "sequela": KindContract(),
+    # a pre-trained encoder (self-supervised or supervised): outputs the backbone
+    "encoder": KindContract(outputs={"encoder": "encoder"}, objectives={"val_knn_acc": "max"},
+                            selection=("val_knn_acc", "max")),
+    # an attack on an encoder (BadEncoder, PoisonedEncoder): a backdoored encoder and its trigger
+    "encoder_attack": KindContract(hooks=("trigger",), outputs={"encoder": "encoder"},
+                                   objectives={"val_asr": "max", "val_clean_acc": "max"},
+                                   selection=("val_clean_acc", "max")),
+    # a classifier trained on top of an upstream encoder (the downstream user)
+    "downstream": KindContract(outputs={"model": "classifier"}, objectives=_BACKDOOR_OBJECTIVES,
+                               selection=("val_clean_acc", "max")),
+    # attacks that query a model: stealing, membership inference on encoders, audits of public models
+    "stealing": KindContract(),
+    "inference": KindContract(),
+    "audit": KindContract(),
+    "generator": KindContract(outputs={"generator": "generator"}),
+}
+KINDS = tuple(CONTRACTS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +75,10 @@ class TrainableSpec:
     metrics: tuple[str, ...]   # metrics every report carries; the contract test checks them
     doc: str
     hooks: Mapping[str, Callable[..., Any]]  # extra entry points, e.g. an attack's "trigger"
+
+    @property
+    def contract(self) -> KindContract:
+        return CONTRACTS[self.kind]
 
     def build_config(self, values: Mapping[str, Any]) -> Any:
         return _config.build(self.config, values, what=f"trainable {self.name!r}")
@@ -45,10 +94,11 @@ def register(name: str, *, kind: str, config: type, metrics: tuple[str, ...] = D
     `hooks` are further functions of the method other trainables call; attacks give
     `trigger=fn(cfg, stage_output) -> Callable[[Tensor], Tensor]` (the trigger of a trained attack).
     """
-    if kind == "attack" and "trigger" not in hooks:
-        raise TypeError(f"attack {name!r} must register a trigger= hook")
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: must be one of {', '.join(KINDS)}")
+    missing = [h for h in CONTRACTS[kind].hooks if h not in hooks]
+    if missing:
+        raise TypeError(f"{kind} {name!r} must register a {missing[0]}= hook")
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"config of {name!r} must be a dataclass")
 

@@ -73,6 +73,6 @@ def load_defended(cfg: SequelaConfig, ctx) -> Victim:
         out = ctx.stage(cfg.defense, cfg.defense_config())
     if not (out.path / "model.safetensors").is_file():
         raise ArtifactError(f"defense={cfg.defense!r}: its stage saved no output 'model' "
-                            "(a defense must call ctx.save_output('model', ...))")
-    victim.model.load_state_dict(out.tensors("model"))
+                            "(a defense must save its model: secsweep.backdoor.save_classifier)")
+    victim.model, _ = ctx.load_model(out, "model", role="classifier")
     return victim

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from . import data as data_mod
-from . import provenance, registry
-from .config import fail, field_types, parse_assignments
+from . import provenance, refs, registry
+from .config import fail, field_types, is_ref_field, parse_assignments, split_dotted
 from .errors import SecsweepError
 from .runtime import PARAMS_KEY, TRAINABLE_KEY
 
@@ -56,21 +56,43 @@ class Sweep:
     grid: list[dict[str, Any]] | None = None        # explicit trials: grid search
     space: dict[str, Any] | None = None             # Tune distributions: Optuna search
     # what a search optimises, always on the validation split (test metrics are reported, never selected on)
-    objectives: dict[str, str] = field(default_factory=lambda: {"val_asr": "min", "val_clean_acc": "max"})
+    # None: the objectives of the trainable's kind (`registry.CONTRACTS`; a defense: val_asr min, val_clean_acc max)
+    objectives: dict[str, str] | None = None
     # the single metric ASHA stops on and a one-objective search optimises: DER on validation, which a
     # model that collapsed to chance cannot win (its ASR is ~0 but so is its clean accuracy)
-    selection: tuple[str, str] = ("val_der", "max")
+    selection: tuple[str, str] | None = None         # None: the kind's (a defense: val_der max)
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"fixed":..., "grid":..., "space":...}
     smoke: dict[str, Any] = field(default_factory=dict)    # {"fixed":..., "grid":..., "num_samples":...} for --smoke-test
     num_samples: int = 1                            # trials Optuna draws (a search only; grid repeats: --seeds)
-    columns: tuple[str, ...] = ("trainable", "attack", "asr", "clean_acc", "device_hours")
+    columns: tuple[str, ...] = ()                   # () : "trainable" and the metrics the trainables declare
     description: str = ""
     source: str = ""                                # the sweep script (found automatically)
 
     def __post_init__(self) -> None:
+        self._resolve_defaults()
         if not self.source:  # the file that declared the sweep (skipping dataclass-generated frames)
             self.source = next((f.filename for f in inspect.stack()[1:]
                                 if f.filename != __file__ and not f.filename.startswith("<")), "")
+
+
+    def trainables(self) -> list[str]:
+        """The trainables the sweep's default declaration runs (its own, or its grid's)."""
+        names = [t[TRAINABLE_KEY] for t in (self.grid or []) if TRAINABLE_KEY in t]
+        return list(dict.fromkeys(([self.trainable] if self.trainable else []) + names))
+
+    def _resolve_defaults(self) -> None:
+        """Objectives, selection and columns follow what the trainables declare (their kind's
+        contract and their metrics) unless the sweep states them."""
+        specs = [registry.get(n) for n in self.trainables()]
+        contract = next((sp.contract for sp in specs if sp.contract.objectives), None)
+        if self.objectives is None:
+            self.objectives = dict(contract.objectives) if contract else {"val_asr": "min", "val_clean_acc": "max"}
+        if self.selection is None:
+            self.selection = tuple(contract.selection) if contract and contract.selection else ("val_der", "max")
+        if not self.columns:
+            metrics = [m for sp in specs for m in sp.metrics]
+            upstream = ["attack"] if any(sp.kind in ("defense", "detector") for sp in specs) else []
+            self.columns = tuple(dict.fromkeys(["trainable", *upstream, *metrics]))
 
 
 # -- CLI ------------------------------------------------------------------------------------------
@@ -124,15 +146,20 @@ def _config_fields(trainable: str) -> dict[str, Any]:
 def _values_for(trainable: str, values: Mapping[str, Any]) -> dict[str, Any]:
     """The subset of `values` that `trainable`'s Config has (shared keys go to every trainable)."""
     fields = _config_fields(trainable)
-    return {k: v for k, v in values.items() if k in fields}
+    return {k: v for k, v in values.items() if k in fields or split_dotted(k, fields)}
 
 
 def _check_keys(trainables: Sequence[str], keys, source: str) -> None:
     known: set[str] = set()
+    dotted_ok = False
     for t in trainables:
         known |= set(_config_fields(t))
     for k in keys:
-        if k not in known and k != TRAINABLE_KEY:
+        for t in trainables:
+            dotted_ok = bool(split_dotted(k, _config_fields(t)))
+            if dotted_ok:
+                break
+        if k not in known and k != TRAINABLE_KEY and not dotted_ok:
             fail(k, "", f"unknown {source} key; allowed: {', '.join(sorted(known))}")
 
 
@@ -530,6 +557,8 @@ def with_seeds(trials: list[dict[str, Any]], n: int, *, reseed_upstream: bool = 
             item = {**t, SEED_KEY: base + i}
             if reseed_upstream:
                 item.update({k: base + i for k in UPSTREAM_SEED_KEYS if k in fields})
+                # a StageRef field's stage is re-seeded through its own seed (`ref.seed`)
+                item.update({f"{k}.{SEED_KEY}": base + i for k, tp in fields.items() if is_ref_field(tp)})
             out.append(item)
     return out
 
@@ -544,9 +573,8 @@ def _interleave_by_stage(trials: list[dict], configs: list[Any]) -> list[dict]:
 
     groups: dict[str, list[dict]] = {}
     for trial, cfg in zip(trials, configs):
-        key = ""
-        if hasattr(cfg, "attack_config"):
-            key = stage_key(cfg.attack, cfg.attack_config())
+        ups = refs.upstream(cfg)
+        key = stage_key(*ups[0]) if ups else ""
         groups.setdefault(key, []).append(trial)
     queues = list(groups.values())
     return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]

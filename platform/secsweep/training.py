@@ -18,6 +18,9 @@ from . import accel
 from .context import Context
 
 
+Step = Callable[[nn.Module, torch.Tensor, torch.Tensor, "torch.Generator | None"], torch.Tensor]
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The same permutation of range(n) on every worker for a given (seed, epoch)."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -49,8 +52,18 @@ def train_epoch(
     lr_at: Callable[[int], float] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    step_fn: "Step | None" = None,
+    after_step: Callable[[int], None] | None = None,
+    scheduler: "torch.optim.lr_scheduler.LRScheduler | None" = None,
+    train_mode: Callable[[nn.Module], None] | None = None,
 ) -> tuple[int, float]:
     """One pass over this worker's shard; `lr_at(step)` sets the learning rate before every step.
+
+    The loss of a batch is `step_fn(model, x, y, generator)` when given (the pluggable step of
+    `secsweep.loop`: a contrastive loss over two views drawn with `generator`, a distillation
+    loss, ...), else `loss_fn(model(x), y)`. `after_step(step)` runs after every optimizer step
+    (momentum / EMA targets), `scheduler` (a torch LR scheduler) is stepped after it, and
+    `train_mode(model)` replaces `model.train()` (frozen BatchNorm, frozen submodules).
 
     `transform(x, generator)`, if given, is applied to every batch once it is on the device (data
     augmentation, `secsweep.ops.augment`); its generator is seeded by (seed, epoch, rank)
@@ -71,7 +84,7 @@ def train_epoch(
     Returns (global step after the epoch, mean training loss of this worker's samples).
     """
     fast = getattr(ctx, "fast", accel.REFERENCE)
-    model.train()
+    (train_mode or nn.Module.train)(model)
     per_worker = ctx.worker_batch(batch_size)
     order = epoch_order(len(labels), seed, epoch)
     order = order[ctx.shard(len(order))]
@@ -83,7 +96,7 @@ def train_epoch(
     # (MPS has no float64: float32 there)
     total = torch.zeros((), dtype=torch.float32 if ctx.device.type == "mps" else torch.float64, device=ctx.device)
     count = 0
-    aug_gen = augment_generator(seed, epoch, ctx.rank) if transform is not None else None
+    aug_gen = augment_generator(seed, epoch, ctx.rank) if transform is not None or step_fn is not None else None
     for i in range(0, len(order), per_worker):
         b = order[i : i + per_worker]
         if fast.device_data:
@@ -97,11 +110,15 @@ def train_epoch(
         if lr_at is not None:
             set_lr(opt, lr_at(step))
         with accel.autocast(fast, ctx.device):
-            loss = loss_fn(model(x), y)
+            loss = step_fn(model, x, y, aug_gen) if step_fn is not None else loss_fn(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if scheduler is not None:
+            scheduler.step()
         step += 1
+        if after_step is not None:
+            after_step(step)
         total += loss.detach().to(total.dtype) * len(b)
         count += len(b)
     return step, total.item() / max(count, 1)

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from secsweep import data, trainset
-from secsweep.backdoor import BackdoorEval, VictimConfig, build_victim_model, load_split, unwrap
+from secsweep.backdoor import BackdoorEval, VictimConfig, build_victim_model, load_split, save_classifier, unwrap
 from secsweep.config import in_open_unit, one_of, positive, require
 from secsweep.names import EPOCH, LR
 from secsweep.ops import inputaware as ia
@@ -344,7 +344,7 @@ def run(cfg: Config, ctx) -> None:
     if record is None:
         raise ArtifactError("inputaware: restarted after its last epoch from a checkpoint without the "
                             "training-set record; delete the trial's checkpoint to retrain")
-    ctx.save_output("model", unwrap(model).state_dict())
+    save_classifier(ctx, model, cfg)
     ctx.save_output(trainset.RECORD, record)
     ctx.save_output("generator", unwrap(gen).state_dict())
     ctx.save_output("mask", mask_gen.state_dict())

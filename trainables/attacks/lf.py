@@ -99,9 +99,7 @@ def trigger(cfg: Config, output) -> Callable[[torch.Tensor], torch.Tensor]:
 def compute_delta(cfg: Config, ctx, train) -> torch.Tensor:
     """The LF trigger (C, H, W) on CPU, optimised on the cached clean model of `cfg`."""
     out = ctx.stage("clean", clean_config(cfg))
-    model = build_victim_model(cfg, train)
-    model.load_state_dict(out.tensors("model"))
-    model = model.to(ctx.device)
+    model, _ = ctx.load_model(out, "model", role="classifier")
     for p in model.parameters():
         p.requires_grad_(False)
     delta = lf_ops.compute_lf_trigger(

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from secsweep import data, trainset
-from secsweep.backdoor import BackdoorEval, VictimConfig, build_victim_model, fit, load_split
+from secsweep.backdoor import BackdoorEval, VictimConfig, build_victim_model, fit, load_split, save_classifier
 from secsweep.config import one_of, positive, require
 from secsweep.ops import warp as warp_ops
 from secsweep.ops.schedules import cosine
@@ -157,7 +157,7 @@ def run(cfg: Config, ctx) -> None:
                 None, ctx, epochs=cfg.attack_epochs, batch_size=cfg.attack_batch_size, seed=cfg.seed, lr_at=lr_at,
                 momentum=cfg.attack_momentum, weight_decay=cfg.attack_weight_decay, evaluate=evaluate,
                 transform=cfg.train_transform())
-    ctx.save_output("model", model.state_dict())
+    save_classifier(ctx, model, cfg)
     # the last epoch's draw: masks and labels recorded, images regenerated from (cfg, epoch) on demand
     last = cfg.attack_epochs - 1
     _, labels, poisoned, cross = epoch_record(cfg, train.images, train.labels, last)

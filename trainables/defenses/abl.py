@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secsweep.backdoor import DefenseConfig, build_victim_model, load_victim, report_before, unwrap
+from secsweep.backdoor import DefenseConfig, build_victim_model, load_victim, report_before, save_classifier, unwrap
 from secsweep.config import in_open_unit, one_of, positive, require
 from secsweep.context import Context
 from secsweep.names import ASR, AUC, CLEAN_ACC, DEVICE_HOURS, EPOCH, FPR, LR, TPR
@@ -176,4 +176,4 @@ def run(cfg: Config, ctx: Context) -> None:
         if isolated is not None:
             resume.update(isolated=isolated, detection=detection)
         ctx.report(metrics, state=resume)
-    ctx.save_output("model", unwrap(model).state_dict())
+    save_classifier(ctx, model, cfg)

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from secsweep.backdoor import DefenseConfig, clean_subset, constant, fit, load_victim, report_before
+from secsweep.backdoor import DefenseConfig, clean_subset, constant, fit, load_victim, report_before, save_classifier
 from secsweep.config import in_half_open_unit, in_open_unit, positive
 from secsweep.data import ImageSet
 from secsweep.names import ASR, CLEAN_ACC, DEVICE_HOURS
@@ -144,4 +144,4 @@ def run(cfg: Config, ctx) -> None:
                 lr_at=constant(cfg.lr), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                 evaluate=victim.evaluate, extra=extra, transform=cfg.train_transform())
     hook.remove()  # the zeroed head columns alone keep the channels pruned in the saved weights
-    ctx.save_output("model", model.state_dict())
+    save_classifier(ctx, model, cfg)

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secsweep.backdoor import DefenseConfig, clean_subset, load_victim, report_before, unwrap
+from secsweep.backdoor import DefenseConfig, clean_subset, load_victim, report_before, save_classifier, unwrap
 from secsweep.config import fail, positive, require
 from secsweep.names import ASR, CLEAN_ACC, DEVICE_HOURS, EPOCH, LR
 from secsweep.registry import register
@@ -215,4 +215,4 @@ def run(cfg: Config, ctx) -> None:
                                    "teacher": teacher.state_dict(), "gap_before": extra["nad_attention_gap_before"]})
     s_taps.remove()
     t_taps.remove()
-    ctx.save_output("model", bare.state_dict())
+    save_classifier(ctx, bare, cfg)

@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-from secsweep.backdoor import DefenseConfig, Victim, clean_subset, constant, fit, load_victim, report_before
+from secsweep.backdoor import DefenseConfig, Victim, clean_subset, constant, fit, load_victim, report_before, save_classifier
 from secsweep.config import in_open_unit, positive, require
 from secsweep.data import ImageSet
 from secsweep.names import ASR, CLEAN_ACC, DEVICE_HOURS, EPOCH
@@ -176,4 +176,4 @@ def run(cfg: Config, ctx) -> None:
         for epoch in range(start, cfg.epochs):
             ctx.report({EPOCH: epoch + 1, **unchanged, **extra}, state={"epoch": epoch + 1, "nc": det})
     ctx.save_output("nc_triggers", {"masks": det["masks"], "patterns": det["patterns"], "norms": det["norms"]})
-    ctx.save_output("model", model.state_dict())
+    save_classifier(ctx, model, cfg)

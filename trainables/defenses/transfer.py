@@ -23,7 +23,7 @@ from torch import nn
 
 from secsweep import data as data_mod
 from secsweep.backdoor import (
-    BackdoorEval, DefenseConfig, SFTSchedule, build_victim_model, constant, fit, load_split,
+    BackdoorEval, DefenseConfig, SFTSchedule, build_victim_model, constant, fit, load_split, save_classifier,
 )
 from secsweep.config import one_of, require
 from secsweep.ops import augment as augment_ops
@@ -109,8 +109,7 @@ def run(cfg: Config, ctx) -> None:
     out = ctx.stage(cfg.attack, attack_cfg)
     trigger = registry.get(cfg.attack).hooks["trigger"](attack_cfg, out)
     source_test = load_split(cfg, ctx, "test")
-    model = build_victim_model(cfg, source_test)
-    model.load_state_dict(out.tensors("model"))
+    model, _ = ctx.load_model(out, "model", role="classifier")
     train = target_split(cfg, ctx, "train", source_test.shape)
     val = target_split(cfg, ctx, "val", source_test.shape)
     test = target_split(cfg, ctx, "test", source_test.shape)
@@ -146,5 +145,5 @@ def run(cfg: Config, ctx) -> None:
                 # the recipe's augmentation, "auto" resolved for the downstream data (CIFAR-10: crop + flip)
                 transform=augment_ops.augmentation(resolve_augment(cfg.augment, cfg.target_dataset),
                                                    cfg.augment_padding))
-    ctx.save_output("model", model.state_dict())
+    save_classifier(ctx, model, cfg, shape=tuple(source_test.shape[:2]))
 

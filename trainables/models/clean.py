@@ -12,7 +12,7 @@ import torch
 
 from secsweep import data as data_mod
 from secsweep import models as models_mod
-from secsweep.backdoor import build_victim_model, constant, fit, load_split
+from secsweep.backdoor import build_victim_model, constant, fit, load_split, save_classifier
 from secsweep.config import one_of, positive, require
 from secsweep.names import CLEAN_ACC, DEVICE_HOURS, VAL_CLEAN_ACC
 from secsweep.ops import augment as augment_ops
@@ -64,4 +64,4 @@ def run(cfg: Config, ctx) -> None:
                 batch_size=cfg.batch_size, seed=cfg.seed, lr_at=constant(cfg.lr), momentum=cfg.momentum,
                 weight_decay=cfg.weight_decay, evaluate=evaluate,
                 transform=augment_ops.augmentation(resolve_augment(cfg.augment, cfg.dataset), cfg.augment_padding))
-    ctx.save_output("model", model.state_dict())
+    save_classifier(ctx, model, cfg)

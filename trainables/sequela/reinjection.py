@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from secsweep.backdoor import constant, fit
+from secsweep.backdoor import constant, fit, save_classifier
 from secsweep.config import in_open_unit, require
 from secsweep.names import ASR, CLEAN_ACC, DEVICE_HOURS, EPOCH
 from secsweep.poison import poison
@@ -106,4 +106,4 @@ def run(cfg: Config, ctx) -> None:
                 batch_size=cfg.attack_batch_size, seed=cfg.seed, lr_at=constant(cfg.attack_lr),
                 momentum=cfg.attack_momentum, weight_decay=cfg.attack_weight_decay,
                 evaluate=victim.evaluate, extra=base, transform=cfg.train_transform())
-    ctx.save_output("model", model.state_dict())
+    save_classifier(ctx, model, cfg)

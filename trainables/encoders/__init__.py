@@ -1,0 +1,1 @@
+"""Encoder pre-training: self-supervised (SimCLR, MoCo, BYOL, SimSiam) and supervised."""
