@@ -50,8 +50,9 @@ CONTRACTS: dict[str, KindContract] = {
     # a pre-trained encoder (self-supervised or supervised): outputs the backbone
     "encoder": KindContract(outputs={"encoder": "encoder"}, objectives={"val_knn_acc": "max"},
                             selection=("val_knn_acc", "max")),
-    # an attack on an encoder (BadEncoder, PoisonedEncoder): a backdoored encoder and its trigger
-    "encoder_attack": KindContract(hooks=("trigger",), outputs={"encoder": "encoder"},
+    # an attack on an encoder (BadEncoder, PoisonedEncoder): a backdoored encoder; patch attacks also
+    # register `trigger`, targeted poisoning a `target` hook (the target input and class)
+    "encoder_attack": KindContract(outputs={"encoder": "encoder"},
                                    objectives={"val_asr": "max", "val_clean_acc": "max"},
                                    selection=("val_clean_acc", "max")),
     # a classifier trained on top of an upstream encoder (the downstream user)
