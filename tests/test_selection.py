@@ -186,3 +186,19 @@ def test_seed_summary_gives_mean_ci_and_n():
     assert s.loc["sft", "asr_ci95"] == pytest.approx(stats.t.ppf(0.975, 4) * v.std(ddof=1) / 5 ** 0.5)
     text = summary_markdown(seed_summary(frame))
     assert "±" in text and "| n" in text.replace("|   n", "| n")
+
+
+def test_summaries_follow_declared_metrics_not_only_backdoor_names(tmp_path):
+    """An encoder sweep's table has no asr: its declared knn_acc is what the seed summary shows."""
+    import pandas as pd
+
+    from secsweep.report import write_report
+
+    frame = pd.DataFrame({"trainable": ["simclr"] * 4, "temperature": [0.1, 0.1, 0.5, 0.5], "seed": [0, 1, 0, 1],
+                          "knn_acc": [0.6, 0.62, 0.7, 0.74], "val_knn_acc": [0.61, 0.6, 0.72, 0.73],
+                          "status": ["TERMINATED"] * 4})
+    frame.attrs["params"] = ["trainable", "temperature", "seed"]
+    write_report(frame, tmp_path, title="t", columns=("trainable", "temperature", "knn_acc"))
+    summary = pd.read_csv(tmp_path / "summary.csv").set_index("temperature")
+    assert summary.loc[0.5, "knn_acc"] == pytest.approx(0.72) and summary.loc[0.1, "n"] == 2
+    assert "val_knn_acc" in summary.columns and "knn_acc_ci95" in summary.columns  # declared by simclr

@@ -85,15 +85,45 @@ def param_columns(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if c not in metrics and not pd.api.types.is_float_dtype(frame[c])]
 
 
-def seed_summary(frame: pd.DataFrame, keys: Sequence[str] | None = None) -> pd.DataFrame:
-    """Mean, 95 % CI half-width (`<metric>_ci95`) and number of seeds `n` of every summary metric,
-    per grid point (all config columns but the seeds) or per `keys`; finished trials only."""
+def declared_metrics(frame: pd.DataFrame, names: Sequence[str] = ()) -> list[str]:
+    """The metrics a report summarises: the standard ones present in `frame`, then the numeric
+    columns among `names` (what the sweep declares: its objectives, selection and columns; what
+    the trainables declare), so an encoder sweep's `knn_acc` is summarised like a defense's `asr`."""
+    out = [m for m in SUMMARY_METRICS if m in frame.columns]
+    params = set(frame.attrs.get("params") or ())
+    for n in names:
+        if n in frame.columns and n not in out and n not in params and pd.api.types.is_numeric_dtype(frame[n]) \
+                and n not in SEED_COLUMNS:
+            out.append(n)
+    return out
+
+
+def trainable_metrics(frame: pd.DataFrame) -> list[str]:
+    """The metrics the frame's trainables declare (`@register(metrics=...)`) and their val_ twins."""
+    from . import registry
+
+    names = []
+    if TRAINABLE_KEY in frame.columns:
+        for t in frame[TRAINABLE_KEY].dropna().unique():
+            try:
+                ms = registry.get(str(t)).metrics
+            except Exception:  # a trainable that no longer exists (an old MLflow experiment)
+                continue
+            names += [n for m in ms for n in (f"val_{m}", m)]
+    return list(dict.fromkeys(names))
+
+
+def seed_summary(frame: pd.DataFrame, keys: Sequence[str] | None = None,
+                 metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """Mean, 95 % CI half-width (`<metric>_ci95`) and number of seeds `n` of every summary metric
+    (`metrics`, default the standard ones present), per grid point (all config columns but the
+    seeds) or per `keys`; finished trials only."""
     ok = frame[frame["status"] == "TERMINATED"] if "status" in frame.columns else frame
     if keys is None:
         keys = [c for c in param_columns(ok) if c not in SEED_COLUMNS]
         keys = [c for c in keys if ok[c].astype(str).nunique() > 1] or keys[:1]
     keys = [k for k in keys if k in ok.columns]
-    metrics = [m for m in SUMMARY_METRICS if m in ok.columns]
+    metrics = [m for m in (metrics if metrics is not None else SUMMARY_METRICS) if m in ok.columns and m not in keys]
     if not len(ok) or not keys or not metrics:
         return pd.DataFrame()
     grouped = ok.assign(**{k: ok[k].astype(str) for k in keys}).groupby(keys, dropna=False, sort=True)
@@ -145,7 +175,9 @@ def write_sweep_report(frame: pd.DataFrame, out_dir: Path, sweep, csv_path: str 
     """The end-of-sweep report (see write_report), plus a copy of the CSV at `csv_path`."""
     if sweep.space is not None and len(sweep.objectives) > 1 and len(frame):
         frame["pareto"] = pareto_front(frame, sweep.objectives)
-    paths = write_report(frame, out_dir, title=sweep.name, columns=sweep.columns, histories=histories)
+    declared = [*sweep.objectives, sweep.selection[0], *sweep.columns]
+    paths = write_report(frame, out_dir, title=sweep.name, columns=sweep.columns, histories=histories,
+                         metrics=declared)
     if csv_path:
         Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(csv_path, index=False)
@@ -153,11 +185,12 @@ def write_sweep_report(frame: pd.DataFrame, out_dir: Path, sweep, csv_path: str 
 
 
 def write_report(frame: pd.DataFrame, out_dir: Path, *, title: str, columns: Sequence[str] = (),
-                 histories: dict[str, pd.DataFrame] | None = None) -> list[Path]:
+                 histories: dict[str, pd.DataFrame] | None = None, metrics: Sequence[str] = ()) -> list[Path]:
     """results.csv and results.md (one row per trial, DER included), per_defense.csv/.md (mean ASR,
     clean accuracy, device-hours and DER per defense and attack), and the plots: ASR vs clean accuracy
     (one marker per defense), device-hours per defense, and ASR-per-epoch curves of re-injection
-    trials when `histories` (trial_id -> per-epoch frame) has them."""
+    trials when `histories` (trial_id -> per-epoch frame) has them. `metrics`: the sweep's declared
+    metrics, summarised over seeds next to the standard ones (`declared_metrics`)."""
     from .plots import plot_asr_vs_clean_acc, plot_device_hours, plot_reinjection
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -169,7 +202,7 @@ def write_report(frame: pd.DataFrame, out_dir: Path, *, title: str, columns: Seq
     if IMPLANTED in frame.columns and frame[IMPLANTED].eq(0.0).any():
         table += f"\n\n{IMPLANTED} = 0: {NOT_IMPLANTED_NOTE}\n"
     paths[1].write_text(table)
-    summary = seed_summary(frame)
+    summary = seed_summary(frame, metrics=declared_metrics(frame, [*metrics, *columns, *trainable_metrics(frame)]))
     if len(summary):  # one row per grid point: mean, 95 % CI and n over its seeds
         paths += [out_dir / "summary.csv", out_dir / "summary.md"]
         summary.to_csv(paths[-2], index=False)
