@@ -872,14 +872,16 @@ def _shutdown_ray(ray) -> None:
 
 def print_table(frame, sweep: Sweep) -> None:
     from .names import IMPLANTED
-    from .report import NOT_IMPLANTED_NOTE, display_columns, seed_summary, summary_markdown
+    from .report import NOT_IMPLANTED_NOTE, declared_metrics, display_columns, seed_summary, summary_markdown, \
+        trainable_metrics
 
     import pandas as pd
 
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 60):
         print()
         print(frame[display_columns(frame, sweep.columns)].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    summary = seed_summary(frame)
+    declared = [*sweep.objectives, sweep.selection[0], *sweep.columns, *trainable_metrics(frame)]
+    summary = seed_summary(frame, metrics=declared_metrics(frame, declared))
     if len(summary) and summary["n"].max() > 1:
         print("\nper grid point over seeds:\n" + summary_markdown(summary))
     elif IMPLANTED in frame.columns and frame[IMPLANTED].eq(0.0).any():
