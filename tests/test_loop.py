@@ -126,3 +126,17 @@ def test_lr_schedules():
     assert loop.lr_schedule("constant", 0.3, 10)(7) == 0.3
     with pytest.raises(ConfigError, match="schedule='step'"):
         loop.lr_schedule("step", 1.0, 10)
+
+
+def test_named_loss_terms_of_a_step_are_reported_per_epoch(tmp_path):
+    x, y = _data()
+
+    def step(model, xb, yb, gen):
+        ce = nn.functional.cross_entropy(model(xb), yb)
+        reg = model[0].weight.pow(2).sum()
+        return ce + 0.1 * reg, {"ce_loss": ce, "reg_loss": reg}
+
+    ctx = LocalContext(workdir=tmp_path)
+    loop.fit(_net(), (x, y), ctx, epochs=2, batch_size=16, seed=0, step=step, lr=0.1, weight_decay=0.0)
+    for r in ctx.history:
+        assert r["train_loss"] == pytest.approx(r["ce_loss"] + 0.1 * r["reg_loss"], rel=1e-5)

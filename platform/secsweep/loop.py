@@ -5,6 +5,7 @@ reports after every epoch with a checkpoint when one is due, and resumes from th
 restart. What differs between methods is passed in, not re-implemented:
 
 * the **step** — the loss of one batch, `step(model, x, y, generator)`: cross-entropy by default;
+  a step may return `(loss, {name: term})` and every named term is reported per epoch too;
   a contrastive loss over two augmented views (SimCLR), a distance to a momentum target (BYOL), the
   BadEncoder terms, ...;
 * the **optimizer** — `optimizer(name, params, lr=..., ...)`: SGD, Adam, AdamW or LARS (lightly's);
@@ -172,14 +173,16 @@ def fit(
     kw: dict[str, Any] = {"loss_fn": loss_fn} if loss_fn is not None else {}
     mode = train_mode_with(tuple(frozen), freeze_batchnorm) if frozen or freeze_batchnorm else None
     for epoch in range(start, epochs):
+        parts: dict[str, float] = {}
         x, y = data(epoch) if callable(data) else data
         if y is None:  # unlabelled: the step gets a placeholder it must not use
             y = torch.full((len(x),), -1, dtype=torch.long)
         global_step, loss = train_epoch(model, x, y, optim, ctx, batch_size=batch_size, seed=seed, epoch=epoch,
                                         step=global_step, lr_at=lr_at, transform=transform, step_fn=step,
-                                        after_step=after_step, scheduler=sched, train_mode=mode, **kw)
+                                        after_step=after_step, scheduler=sched, train_mode=mode,
+                                        parts_out=parts, **kw)
         current_lr = lr_at(max(global_step - 1, 0)) if lr_at is not None else optim.param_groups[0]["lr"]
-        metrics = {EPOCH: epoch + 1, LR: current_lr, "train_loss": loss, **(extra or {})}
+        metrics = {EPOCH: epoch + 1, LR: current_lr, "train_loss": loss, **parts, **(extra or {})}
         if evaluate is not None:
             metrics.update(evaluate(model, ctx.device))
         if final_evaluate is not None and epoch + 1 == epochs:

@@ -56,6 +56,7 @@ def train_epoch(
     after_step: Callable[[int], None] | None = None,
     scheduler: "torch.optim.lr_scheduler.LRScheduler | None" = None,
     train_mode: Callable[[nn.Module], None] | None = None,
+    parts_out: dict[str, float] | None = None,
 ) -> tuple[int, float]:
     """One pass over this worker's shard; `lr_at(step)` sets the learning rate before every step.
 
@@ -63,7 +64,9 @@ def train_epoch(
     `secsweep.loop`: a contrastive loss over two views drawn with `generator`, a distillation
     loss, ...), else `loss_fn(model(x), y)`. `after_step(step)` runs after every optimizer step
     (momentum / EMA targets), `scheduler` (a torch LR scheduler) is stepped after it, and
-    `train_mode(model)` replaces `model.train()` (frozen BatchNorm, frozen submodules).
+    `train_mode(model)` replaces `model.train()` (frozen BatchNorm, frozen submodules). A step may
+    return `(loss, {name: term})` instead of the loss: the terms (e.g. a distillation loss next to
+    the cross-entropy) are averaged over the epoch like the loss and written into `parts_out`.
 
     `transform(x, generator)`, if given, is applied to every batch once it is on the device (data
     augmentation, `secsweep.ops.augment`); its generator is seeded by (seed, epoch, rank)
@@ -96,6 +99,7 @@ def train_epoch(
     # (MPS has no float64: float32 there)
     total = torch.zeros((), dtype=torch.float32 if ctx.device.type == "mps" else torch.float64, device=ctx.device)
     count = 0
+    parts: dict[str, torch.Tensor] = {}
     aug_gen = augment_generator(seed, epoch, ctx.rank) if transform is not None or step_fn is not None else None
     for i in range(0, len(order), per_worker):
         b = order[i : i + per_worker]
@@ -111,6 +115,10 @@ def train_epoch(
             set_lr(opt, lr_at(step))
         with accel.autocast(fast, ctx.device):
             loss = step_fn(model, x, y, aug_gen) if step_fn is not None else loss_fn(model(x), y)
+        if isinstance(loss, tuple):  # (loss, named terms)
+            loss, terms = loss
+            for k, v in terms.items():
+                parts[k] = parts.get(k, 0) + v.detach().to(total.dtype) * len(b)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -121,6 +129,8 @@ def train_epoch(
             after_step(step)
         total += loss.detach().to(total.dtype) * len(b)
         count += len(b)
+    if parts_out is not None:
+        parts_out.update({k: float(v) / max(count, 1) for k, v in parts.items()})
     return step, total.item() / max(count, 1)
 
 

@@ -52,11 +52,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secsweep.backdoor import DefenseConfig, clean_subset, load_victim, report_before, save_classifier, unwrap
+from secsweep import loop
+from secsweep.backdoor import DefenseConfig, clean_subset, load_victim, report_before, save_classifier
 from secsweep.config import fail, positive, require
-from secsweep.names import ASR, CLEAN_ACC, DEVICE_HOURS, EPOCH, LR
+from secsweep.names import ASR, CLEAN_ACC, DEVICE_HOURS
 from secsweep.registry import register
-from secsweep.training import augment_generator, epoch_order, set_lr
+from secsweep.training import augment_generator, epoch_order
 
 AT_LOSS = "nad_at_loss"
 GAP_IMAGES = 512  # clean test images on which the attention gap is measured
@@ -165,8 +166,6 @@ def run(cfg: Config, ctx) -> None:
         teacher.requires_grad_(False)
     else:
         finetune_teacher(teacher, data.images, data.labels, cfg, ctx.device)
-    model = ctx.prepare_model(bare)  # the trial's device; DDP in multi-worker trials
-    bare = unwrap(model)
     gap_images = victim.evaluate.images[:GAP_IMAGES]
     s_taps, t_taps = _Taps(bare.attention_layers()), _Taps(teacher.attention_layers())
     teacher_metrics = victim.evaluate(teacher, ctx.device)
@@ -176,43 +175,23 @@ def run(cfg: Config, ctx) -> None:
     else:
         extra["nad_attention_gap_before"] = attention_gap(bare, teacher, s_taps, t_taps, gap_images, ctx.device, cfg.p)
 
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    transform = cfg.train_transform()  # the victim recipe's augmentation (secsweep.ops.augment)
-    start = 0
-    if state is not None and "model" in state:
-        bare.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = int(state["epoch"])
-    for epoch in range(start, cfg.epochs):
-        model.train()
-        order = epoch_order(len(data.labels), cfg.seed, epoch)
-        order = order[ctx.shard(len(order))]
-        ce_sum = at_sum = 0.0
-        aug_gen = augment_generator(cfg.seed, epoch, ctx.rank)
-        bs = ctx.worker_batch(cfg.batch_size)  # global batch split over workers
-        for i in range(0, len(order), bs):
-            b = order[i : i + bs]
-            x, y = data.images[b].to(ctx.device), data.labels[b].to(ctx.device)
-            if transform is not None:  # student and teacher see the same augmented batch
-                x = transform(x, aug_gen)
-            set_lr(opt, cfg.lr)
-            with torch.no_grad():
-                teacher(x)
-            ce = F.cross_entropy(model(x), y)
-            at = sum(beta * at_loss(s, t, cfg.p) for beta, s, t in zip(cfg.betas, s_taps.out, t_taps.out))
-            opt.zero_grad(set_to_none=True)
-            (ce + at).backward()
-            opt.step()
-            ce_sum += ce.item() * len(b)
-            at_sum += float(at.detach()) * len(b)
-        n = max(len(order), 1)
-        metrics = {EPOCH: epoch + 1, LR: cfg.lr, "train_loss": (ce_sum + at_sum) / n, "nad_ce_loss": ce_sum / n,
-                   AT_LOSS: at_sum / n,
-                   "nad_attention_gap": attention_gap(bare, teacher, s_taps, t_taps, gap_images, ctx.device, cfg.p),
-                   **extra}
-        metrics.update(victim.evaluate(model, ctx.device))
-        ctx.report(metrics, state={"model": bare.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                                   "teacher": teacher.state_dict(), "gap_before": extra["nad_attention_gap_before"]})
+    def step(student, x, y, gen):  # student and teacher see the same augmented batch
+        with torch.no_grad():
+            teacher(x)
+        ce = F.cross_entropy(student(x), y)
+        at = sum(beta * at_loss(s, t, cfg.p) for beta, s, t in zip(cfg.betas, s_taps.out, t_taps.out))
+        return ce + at, {"nad_ce_loss": ce, AT_LOSS: at}
+
+    def evaluate(student, device):
+        return {"nad_attention_gap": attention_gap(bare, teacher, s_taps, t_taps, gap_images, device, cfg.p),
+                **victim.evaluate(student, device)}
+
+    # the one training loop (secsweep.loop): SGD at a constant lr, the teacher and the gap before the
+    # distillation in every checkpoint so a restart distils towards the same teacher
+    loop.fit(bare, (data.images, data.labels), ctx, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+             step=step, opt="sgd", lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+             evaluate=evaluate, extra=extra, transform=cfg.train_transform(),  # the victim recipe's augmentation
+             extra_state={"teacher": teacher.state_dict(), "gap_before": extra["nad_attention_gap_before"]})
     s_taps.remove()
     t_taps.remove()
     save_classifier(ctx, bare, cfg)
