@@ -35,7 +35,7 @@ def _list(args) -> int:
     for kind in registry.KINDS:
         for name in registry.names(kind):
             spec = registry.get(name)
-            print(f"{kind:9s} {name:12s} {(spec.doc.splitlines() or [''])[0]}")
+            print(f"{kind:14s} {name:16s} {(spec.doc.splitlines() or [''])[0]}")
     return 0
 
 
