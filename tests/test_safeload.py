@@ -319,3 +319,16 @@ def test_missing_file_is_one_line(tmp_path, cache):
     with pytest.raises(WeightsRefused) as e:
         load_weights(path, cache_dir=cache)
     _one_line_refusal(e, path, "no such file")
+
+
+def test_archive_larger_than_the_extraction_limit_is_refused_unextracted(tmp_path, cache, monkeypatch):
+    inner = tmp_path / "w.safetensors"
+    save_file(_state(), str(inner))
+    path = tmp_path / "big.tar"
+    with tarfile.open(path, "w") as t:
+        t.add(inner, arcname="w.safetensors")
+    monkeypatch.setattr(safeload, "MAX_EXTRACT_BYTES", inner.stat().st_size - 1)  # a lower limit, same code path
+    with pytest.raises(WeightsRefused) as e:
+        load_weights(path, cache_dir=cache)
+    _one_line_refusal(e, path, "more than the", "byte limit")
+    assert not list(cache.rglob("w.safetensors"))

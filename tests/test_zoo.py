@@ -371,3 +371,21 @@ def test_mini_xception_port_matches_a_numpy_reference_of_the_hdf5(loaded, cache)
         ours = model(x).double().numpy()
     ref = _keras_reference_mini_xception(tensors, x.numpy())
     assert np.allclose(ours, ref, rtol=1e-3, atol=1e-3), np.abs(ours - ref).max()
+
+
+def test_hf_card_with_an_unreachable_hub_is_one_line_without_retries(tmp_path, monkeypatch, cache):
+    """No offline switch: the Hub endpoint (huggingface_hub's own HF_ENDPOINT) does not answer, so
+    only an already-downloaded copy would do; there is none."""
+    import time
+
+    card = _mnist_card()
+    card.update(name="hf-mnist", weights={"kind": "hf", "repo": "someone/mnist", "filename": "model.safetensors"},
+                sha256=None)
+    monkeypatch.delenv(zoo.OFFLINE_ENV, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused at once
+    start = time.monotonic()
+    with pytest.raises(ZooError) as e:
+        zoo.load("hf-mnist", table=_table_with(tmp_path, [card]), cache_dir=cache)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("zoo=hf-mnist: needs "), msg
+    assert time.monotonic() - start < 15

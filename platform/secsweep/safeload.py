@@ -56,6 +56,7 @@ _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _ZIP_MAGIC = b"PK\x03\x04"
 _GZIP_MAGIC = b"\x1f\x8b"
 _MAX_SAFETENSORS_HEADER = 100 * 2**20  # bytes: safetensors itself refuses larger headers
+MAX_EXTRACT_BYTES = 16 * 2**30  # bytes an archive may extract to (decompression bombs are refused)
 
 
 class WeightsRefused(ArtifactError):
@@ -227,6 +228,11 @@ def _check_members(path: Path, members: list[tuple[str, str]]) -> None:
             refuse(path, f"archive member {name!r} is not a regular file or folder")
 
 
+def _check_size(path: Path, total: int) -> None:
+    if total > MAX_EXTRACT_BYTES:
+        refuse(path, f"archive would extract {total} bytes, more than the {MAX_EXTRACT_BYTES}-byte limit")
+
+
 def _extract_archive(path: Path, fmt: str, into: Path) -> Path:
     """Extract a checked tar/zip into `into`; return its single weights file."""
     if fmt in ("tar", "gzip"):
@@ -235,6 +241,7 @@ def _extract_archive(path: Path, fmt: str, into: Path) -> Path:
                 infos = t.getmembers()
                 _check_members(path, [(m.name, "file" if m.isfile() else "dir" if m.isdir()
                                        else "link" if (m.issym() or m.islnk()) else "other") for m in infos])
+                _check_size(path, sum(m.size for m in infos if m.isfile()))
                 for m in infos:
                     if m.isdir():
                         (into / m.name).mkdir(parents=True, exist_ok=True)
@@ -258,6 +265,7 @@ def _extract_archive(path: Path, fmt: str, into: Path) -> Path:
                             else "file" if (mode == 0 or stat.S_ISREG(mode)) else "other")
                     kinds.append((i.filename, kind))
                 _check_members(path, kinds)
+                _check_size(path, sum(i.file_size for i in infos))
                 for i in infos:
                     target = into / i.filename
                     if i.is_dir():

@@ -33,6 +33,8 @@ import logging
 import math
 import os
 import re
+import socket
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -254,6 +256,16 @@ def _optional(module: str) -> Any:
     return importlib.import_module(module)
 
 
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the URL's host and port opens within `timeout` seconds (DNS included)."""
+    parts = urllib.parse.urlparse(url)
+    try:
+        with socket.create_connection((parts.hostname or "", parts.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _offline_forced() -> bool:
     return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes")
 
@@ -290,6 +302,9 @@ def _weights_file(card: ZooCard, zoo: Zoo, cache: Path) -> Path:
 
         weights = torchvision.models.get_weight(w["weights"])
         target = downloads / weights.url.rsplit("/", 1)[-1]
+        if not target.is_file() and not _reachable(weights.url):
+            raise _needs_internet(card, f"torchvision weights {weights.url}: cannot reach "
+                                        f"{urllib.parse.urlparse(weights.url).hostname}")
         if not target.is_file():
             try:
                 torch.hub.download_url_to_file(weights.url, str(target), progress=False)
@@ -303,8 +318,10 @@ def _weights_file(card: ZooCard, zoo: Zoo, cache: Path) -> Path:
                        f"(pip install 'secsweep[zoo-online]')") from None
     repo, filename = (f"timm/{w['model']}", w.get("filename", "model.safetensors")) if kind == "timm" \
         else (w["repo"], w["filename"])
-    try:
-        return Path(hf_hub_download(repo, filename, revision=w.get("revision"), cache_dir=str(downloads)))
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:  # unreachable: only an already-downloaded copy will do (no minutes of retries)
+        return Path(hf_hub_download(repo, filename, revision=w.get("revision"), cache_dir=str(downloads),
+                                    local_files_only=not _reachable(endpoint)))
     except Exception as e:  # huggingface_hub raises its own hierarchy for network/offline errors
         raise _needs_internet(card, f"Hugging Face Hub {repo}/{filename}: {type(e).__name__}") from None
 
