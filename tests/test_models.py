@@ -27,7 +27,9 @@ def _tiny(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
 
 def test_registry_lists_builtin_models():
     assert model_names() == ("preact_resnet18", "smallcnn")
-    assert set(MODELS) == set(model_names()) | {"mlp", "encoder_classifier"}  # heads/composites: not recipes
+    # heads/composites are builders but not recipes; so are the ports other modules register on import
+    # (secsweep.zoo's zoo_* architectures), which the full suite imports before this test runs
+    assert {"mlp", "encoder_classifier"} <= set(MODELS) - set(model_names())
 
 
 def test_unknown_model_is_one_line_config_error_with_choices():

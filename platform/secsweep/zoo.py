@@ -307,7 +307,10 @@ def _weights_file(card: ZooCard, zoo: Zoo, cache: Path) -> Path:
                                         f"{urllib.parse.urlparse(weights.url).hostname}")
         if not target.is_file():
             try:
-                torch.hub.download_url_to_file(weights.url, str(target), progress=False)
+                # torchvision's file names end in the first hex digits of their sha256; torch.hub checks them
+                prefix = re.search(r"-([0-9a-f]{8,})\.", target.name)
+                torch.hub.download_url_to_file(weights.url, str(target), progress=False,
+                                               hash_prefix=prefix.group(1) if prefix else None)
             except OSError as e:  # URLError is an OSError
                 raise _needs_internet(card, f"torchvision weights {weights.url}: {e}") from None
         return target
@@ -318,12 +321,15 @@ def _weights_file(card: ZooCard, zoo: Zoo, cache: Path) -> Path:
                        f"(pip install 'secsweep[zoo-online]')") from None
     repo, filename = (f"timm/{w['model']}", w.get("filename", "model.safetensors")) if kind == "timm" \
         else (w["repo"], w["filename"])
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    online = _reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:  # unreachable: only an already-downloaded copy will do (no minutes of retries)
         return Path(hf_hub_download(repo, filename, revision=w.get("revision"), cache_dir=str(downloads),
-                                    local_files_only=not _reachable(endpoint)))
-    except Exception as e:  # huggingface_hub raises its own hierarchy for network/offline errors
-        raise _needs_internet(card, f"Hugging Face Hub {repo}/{filename}: {type(e).__name__}") from None
+                                    local_files_only=not online))
+    except Exception as e:  # huggingface_hub raises its own hierarchy (offline, missing repo or file, HTTP)
+        if not online:
+            raise _needs_internet(card, f"Hugging Face Hub {repo}/{filename}: {type(e).__name__}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ZooError(f"zoo={card.name}: Hugging Face Hub {repo}/{filename}: {type(e).__name__} {first}") from None
 
 
 def load(name: str, device: str | torch.device = "cpu", *, table: Zoo | str | os.PathLike | None = None,
