@@ -254,3 +254,14 @@ def test_build_from_artifact_description_and_encoder_classifier_delegates_handle
         build("mlp", {"in_dim": 3, "out_dim": 2, "depth": 4})
     with pytest.raises(ConfigError, match="must be one of"):
         build_model("mlp", 3)  # not an image model
+
+
+def test_a_card_naming_an_architecture_of_another_module_rebuilds_in_a_fresh_process():
+    """zoo_* ports register on `import secsweep.zoo`; a card must not depend on who imported what."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from secsweep import models; assert 'secsweep.zoo' not in sys.modules; "
+            "m = models.build('zoo_mnist_cnn', {}); print(type(m).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]

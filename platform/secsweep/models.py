@@ -98,7 +98,9 @@ def build(arch: str, args: dict[str, Any]) -> nn.Module:
     image models take ``num_classes`` (0 = encoder), ``in_channels``, ``image_size`` and their
     options; the other builders (heads, composites) take exactly their own keyword arguments."""
     if arch not in MODELS:
-        raise ConfigError(f"model={arch!r}: must be one of {', '.join(model_names())}")
+        _import_provider(arch)
+    if arch not in MODELS:
+        raise ConfigError(f"model={arch!r}: must be one of {', '.join(sorted(MODELS))}")
     args = dict(args)
     if arch in _IMAGE_MODELS:
         return build_model(arch, int(args.pop("num_classes")), int(args.pop("in_channels", 3)),
@@ -109,6 +111,19 @@ def build(arch: str, args: dict[str, Any]) -> nn.Module:
     if unknown:
         raise ConfigError(f"model option {unknown[0]!r} for model={arch!r}: must be one of {', '.join(sorted(allowed))}")
     return builder(**args)
+
+
+# modules that register further architectures when imported: a card naming one of them can be rebuilt
+# in a fresh process that never imported the module (the registry ports, the CLIP models)
+_PROVIDERS = (("zoo_", "secsweep.zoo"), ("open_clip", "secsweep.clip"))
+
+
+def _import_provider(arch: str) -> None:
+    import importlib
+
+    for prefix, module in _PROVIDERS:
+        if arch.startswith(prefix):
+            importlib.import_module(module)
 
 
 def encoder_names() -> tuple[str, ...]:
