@@ -110,6 +110,9 @@ class DefenseConfig(VictimConfig):
     weight_decay: float = 5e-4          # L2 weight decay during the defense (FTP: not stated)
     victim_seed: int = 0                # the backdoored model's seed (`seed` is the defense's own)
     min_asr_before: float = 0.8         # val ASR the backdoor must reach for the defense to count
+    # "" = the model `attack` trains; "zoo:NAME" = bring your own model: a registry model (secsweep.zoo)
+    # defended on this recipe's clean data, its backdoor (if any) measured with `attack`'s trigger
+    victim: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -119,6 +122,8 @@ class DefenseConfig(VictimConfig):
 
         one_of("attack", self.attack, registry.names("attack"))
         self.attack_config()  # validates attack_options against the attack's Config
+        if self.victim:
+            self.zoo_config()  # the registry model exists, is a classifier, fits this recipe's data
         in_half_open_unit("clean_fraction", self.clean_fraction)
         require(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
         positive("batch_size", self.batch_size)
@@ -130,8 +135,31 @@ class DefenseConfig(VictimConfig):
         return self.victim_seed  # the defender holds the victim's clean training data, split the same way
 
     def upstream_stages(self) -> list[tuple[str, Any]]:
-        """The stage a trial of this defense needs first: the backdoored model (`secsweep.refs.upstream`)."""
-        return [(self.attack, self.attack_config())]
+        """The stage a trial of this defense needs first: the backdoored model, or the registry model
+        it brings (`secsweep.refs.upstream`)."""
+        return [("zoo", self.zoo_config())] if self.victim else [(self.attack, self.attack_config())]
+
+    def zoo_config(self) -> Any:
+        """The `zoo` stage's config of `victim="zoo:NAME"`: that model on this recipe's data and split."""
+        from . import registry
+
+        kind, sep, name = self.victim.partition(":")
+        if kind != "zoo" or not sep or not name:
+            fail("victim", self.victim, "must be empty (train the attack's model) or zoo:NAME (a registry model)")
+        from . import zoo
+
+        if name not in zoo.names():
+            fail("victim", self.victim, "names no registry model; choices: "
+                 + ", ".join(f"zoo:{n}" for n in zoo.names() if zoo.get(n).role == "classifier"))
+        card = zoo.get(name)
+        if card.role != "classifier":
+            fail("victim", self.victim, f"is a {card.role}, not a classifier")
+        if card.dataset != self.dataset:
+            fail("victim", self.victim, f"was trained on {card.dataset}; set dataset={card.dataset} "
+                 "(the clean data the defender holds must be the model's task)")
+        values = {"name": name, "dataset": self.dataset, "train_size": self.train_size, "image_size": self.image_size,
+                  "channels": self.channels, "val_fraction": self.val_fraction, "seed": self.victim_seed}
+        return build(registry.get("zoo").config, values, what=f"victim {self.victim!r}")
 
     def attack_config(self) -> Any:
         from . import registry
@@ -225,6 +253,13 @@ def save_classifier(ctx: Context, model: nn.Module, cfg: Any, *, name: str = "mo
     from .artifacts import InputContract
 
     bare = unwrap(model)
+    card = ctx.card_of(bare)
+    if card is not None and card.arch != cfg.model:  # a loaded model of another architecture (a registry model)
+        args = dict(card.args)
+        if "num_classes" in args and hasattr(bare, "head") and hasattr(bare.head, "out_features"):
+            args["num_classes"] = int(bare.head.out_features)
+        ctx.save_model(name, bare, card.arch, args, "classifier", input=card.input)
+        return
     c, h = shape or input_shape(cfg)
     args = {"num_classes": int(bare.head.out_features), "in_channels": int(c), "image_size": int(h)}
     ctx.save_model(name, bare, cfg.model, args, "classifier", input=InputContract(int(c), int(h)))
@@ -364,7 +399,9 @@ class Victim:
     def record(self) -> dict[str, torch.Tensor]:
         """The attack's record of the training set it used (secsweep.trainset)."""
         if self.output is None:
-            raise ArtifactError("this victim has no attack stage output to read the training-set record from")
+            raise ArtifactError("victim=zoo:...: a registry model comes without the training set it was trained "
+                                "on, which this defense needs (data-based defenses: ac, spectral, abl; mia); "
+                                "use a defense that only needs clean data (ft, sft, fp, nad, nc)")
         return trainset.load_record(self.output)
 
     def poisoned_train_set(self, ctx: Context) -> PoisonedSet:
@@ -389,6 +426,14 @@ def load_victim(cfg: DefenseConfig, ctx: Context) -> Victim:
 
     attack_cfg = cfg.attack_config()
     spec = registry.get(cfg.attack)
+    if cfg.victim:  # bring your own model: the registry model, the attack only names the trigger tested
+        out = ctx.stage("zoo", cfg.zoo_config())
+        trigger = spec.hooks["trigger"](attack_cfg, None)
+        train = load_split(cfg, ctx, "train")
+        model, _ = ctx.load_model(out, "model", role="classifier")
+        evaluate = BackdoorEval.for_victim(cfg, ctx, trigger)
+        return Victim(model, trigger, train, evaluate, attack_cfg, out.metrics, cfg.min_asr_before,
+                      output=None, attack=cfg.attack)
     out = ctx.stage(cfg.attack, attack_cfg)
     trigger = spec.hooks["trigger"](attack_cfg, out)
     train = load_split(cfg, ctx, "train")
@@ -418,7 +463,11 @@ def report_before(victim: Victim, ctx: Context, **extra: float) -> dict[str, flo
         base.update({VAL_ASR_BEFORE: before[VAL_ASR], VAL_CLEAN_ACC_BEFORE: before[VAL_CLEAN_ACC]})
     selected_asr = before.get(VAL_ASR, before[ASR])
     base[IMPLANTED] = float(selected_asr >= victim.min_asr_before)
-    if not base[IMPLANTED]:
+    if not base[IMPLANTED] and victim.output is None:  # a registry model (victim=zoo:...)
+        log.warning("no backdoor under the %s trigger: ASR before the defense %.3f < min_asr_before %.2f "
+                    "(a registry model: the defense's ASR rows are no evidence)", victim.attack, selected_asr,
+                    victim.min_asr_before)
+    elif not base[IMPLANTED]:
         log.warning("backdoor not implanted: ASR before the defense %.3f < min_asr_before %.2f; "
                     "raise attack_epochs or poison_ratio", selected_asr, victim.min_asr_before)
     if ctx.restored() is None:

@@ -54,6 +54,7 @@ class Context:
         # what is running here (trainable, resolved config, code digest): the provenance model
         # artifacts carry (`save_model`); set by the runtime and by `stage`
         self.run_info: dict[str, Any] = dict(run_info or {})
+        self._cards: dict[int, Any] = {}  # id(model) -> the ModelCard it was loaded from (`card_of`)
         self.device = torch.device(device)
         # how this trial uses its device (secsweep.accel): given by the runtime, else the device's
         # default (the fast path on CUDA, the reference path on the CPU); the evaluation loops follow it
@@ -175,10 +176,19 @@ class Context:
         device: `ref` is a `StageRef` (computed once, cached), a trainable name with `cfg`, or a
         `StageOutput` already in hand. `name` defaults to the first output the stage's kind
         declares ("encoder" for encoders, "model" for classifiers); `role` refuses any other role."""
+        out = ref if isinstance(ref, StageOutput) else self.stage(ref, cfg)
+        model, card = self._load_artifact(out, ref, name, role)
+        self._cards[id(model)] = card
+        return model, card
+
+    def card_of(self, model: nn.Module) -> "artifacts.ModelCard | None":
+        """The card of a model this context loaded (`load_model`), to save it again as what it is."""
+        return getattr(self, "_cards", {}).get(id(getattr(model, "module", model)))
+
+    def _load_artifact(self, out, ref, name, role):
         from . import artifacts, registry
         from .refs import StageRef
 
-        out = ref if isinstance(ref, StageOutput) else self.stage(ref, cfg)
         if name is None:
             trainable = ref.trainable if isinstance(ref, StageRef) else (
                 ref if isinstance(ref, str) else out.manifest.get("stage", ""))
