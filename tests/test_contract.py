@@ -22,11 +22,16 @@ PER_KIND = {
 }
 
 
+# trainables whose data is fixed by what they wrap (a registry model's task)
+PER_NAME = {"zoo": {"dataset": "mnist", "train_size": 600}}
+
+
 @pytest.mark.parametrize("name", registry.names())
 def test_trainable_runs_one_tiny_epoch_and_reports_declared_metrics(name, tmp_path):
     spec = registry.get(name)
     fields = set(spec.build_config({}).__dataclass_fields__)
-    values = {k: v for k, v in {**TINY, **PER_KIND.get(spec.kind, {})}.items() if k in fields}
+    values = {k: v for k, v in {**TINY, **PER_KIND.get(spec.kind, {}), **PER_NAME.get(name, {})}.items()
+              if k in fields}
     cfg = spec.build_config(values)
     ctx = LocalContext(workdir=tmp_path / "w", stage_root=tmp_path / "stages")
     spec.fn(cfg, ctx)

@@ -37,6 +37,15 @@ class Config:
             object.__setattr__(self, "dataset", card.dataset)
         one_of("dataset", self.dataset, data_mod.DATASETS)
         require(0.0 <= self.val_fraction <= 0.5, "val_fraction", self.val_fraction, "must be in [0, 0.5]")
+        contract = card.input_contract()
+        if contract is not None:  # the data must fit the model's input before anything starts
+            from secsweep.backdoor import input_shape
+
+            c, h = input_shape(self)
+            if (c, h) != (contract.channels, contract.size):
+                fail("dataset", self.dataset, f"gives {c}x{h}x{h} images; {self.name} takes "
+                     f"{contract.channels}x{contract.size}x{contract.size} (set image_size / channels, or its dataset "
+                     f"{card.dataset})")
 
 
 def check_name(name: str):
