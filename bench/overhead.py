@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SWEEP = ROOT / "sweeps" / "sft_grid.py"
 GOAL = 1.2  # b/a the platform should stay under on the default grid
+# other processes using more than this share of the cores during either run make b/a unreliable
+# (on a 2-core machine one busy process halves a run's speed)
+NOISY_SHARE = 0.1
 
 
 def cores() -> int:
@@ -66,6 +70,135 @@ def platform_argv(args, storage: Path, tracking_uri: str, ncores: int) -> list[s
     if args.equal_concurrency:  # one trial at a time on every core, like (a)
         argv += ["--cpus-per-trial", str(ncores), "--max-concurrent", "1"]
     return argv
+
+
+# -- background load ------------------------------------------------------------------------------
+#
+# Both timings assume the benchmark has the cores to itself. The monitor samples /proc once a second
+# during each run and adds up the CPU time of this process and its descendants (for (b): the Ray
+# daemons and trial processes, which Ray starts as descendants) and of every other process.
+# Processes that start and exit between two samples are missed: the figures are lower bounds.
+
+def proc_snapshot() -> dict[int, tuple[int, int, int, str]] | None:
+    """pid -> (parent pid, start time in ticks since boot, CPU ticks used: user + system, command
+    name) of every process, from /proc; None where there is no /proc (not Linux)."""
+    proc = Path("/proc")
+    if not (proc / "stat").is_file():
+        return None
+    out = {}
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            raw = (d / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        # after the command name, which may hold spaces and parentheses: field 3 (state) onwards;
+        # ppid is field 4, utime 14, stime 15, starttime 22 (proc(5))
+        f = raw[raw.rfind(")") + 2:].split()
+        out[int(d.name)] = (int(f[1]), int(f[19]), int(f[11]) + int(f[12]), raw[raw.find("(") + 1:raw.rfind(")")])
+    return out
+
+
+def split_ticks(prev: dict[int, tuple], cur: dict[int, tuple], root: int,
+                own_by_pid: dict[tuple[int, int], list] | None = None) -> tuple[int, int]:
+    """CPU ticks used between the snapshots `prev` and `cur` by `root` with its descendants, and by
+    every other process. A pid whose start time changed is a new process (pid reuse); a process new
+    in `cur` counts all its ticks; one gone from `cur` is not counted (its last ticks are unknown).
+    `own_by_pid`, if given, accumulates (pid, start) -> [command name, ticks] of the own processes."""
+    memo: dict[int, bool] = {root: True}
+
+    def in_tree(pid: int) -> bool:
+        chain = []
+        while pid not in memo:
+            entry = cur.get(pid)
+            if entry is None or pid in chain or pid <= 1:
+                memo[pid] = False
+                break
+            chain.append(pid)
+            pid = entry[0]
+        for p in chain:
+            memo[p] = memo[pid]
+        return memo[pid]
+
+    ours = others = 0
+    for pid, (_, start, ticks, *name) in cur.items():
+        old = prev.get(pid)
+        used = ticks - old[2] if old is not None and old[1] == start else ticks
+        if used > 0:
+            if in_tree(pid):
+                ours += used
+                if own_by_pid is not None:
+                    entry = own_by_pid.setdefault((pid, start), ["", 0])
+                    entry[0] = name[0] if name else entry[0]  # the newest name (ray::IDLE becomes the trial's)
+                    entry[1] += used
+            else:
+                others += used
+    return ours, others
+
+
+class LoadMonitor:
+    """Context manager: cores used on average, while it is open, by this process with its descendants
+    (`own_cores`) and by all other processes (`other_cores`); None without /proc."""
+
+    def __init__(self, interval_s: float = 1.0):
+        self.interval_s = interval_s
+        self.own_ticks = self.other_ticks = 0
+        self.own_by_pid: dict[tuple[int, int], list] = {}
+        self.seconds = 0.0
+        self._prev = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "LoadMonitor":
+        self._prev = proc_snapshot()
+        self._t0 = time.monotonic()
+        if self._prev is not None:
+            self._thread = threading.Thread(target=self._run, name="overhead-load-monitor", daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        cur = proc_snapshot()
+        own, other = split_ticks(self._prev, cur, os.getpid(), self.own_by_pid)
+        self.own_ticks += own
+        self.other_ticks += other
+        self._prev = cur
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.monotonic() - self._t0
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._sample()
+
+    def _cores(self, ticks: int) -> float | None:
+        if self._thread is None or self.seconds <= 0:
+            return None
+        return ticks / os.sysconf("SC_CLK_TCK") / self.seconds
+
+    @property
+    def own_cores(self) -> float | None:
+        return self._cores(self.own_ticks)
+
+    @property
+    def other_cores(self) -> float | None:
+        return self._cores(self.other_ticks)
+
+    @property
+    def own_cpu_s(self) -> float | None:
+        return None if self._thread is None else self.own_ticks / os.sysconf("SC_CLK_TCK")
+
+    def top_own(self, k: int = 4) -> list[tuple[str, float]]:
+        """The `k` own processes that used the most CPU: (command name, CPU-seconds); this process is "this process"."""
+        hz = os.sysconf("SC_CLK_TCK")
+        rows = [("this process" if pid == os.getpid() else name, ticks / hz)
+                for (pid, _), (name, ticks) in self.own_by_pid.items()]
+        return sorted(rows, key=lambda r: -r[1])[:k]
 
 
 # -- preparation (not timed) ----------------------------------------------------------------------
@@ -175,6 +308,34 @@ def _key(trial: dict[str, Any]) -> str:
     return json.dumps({k: trial[k] for k in sorted(trial)}, sort_keys=True, default=str)
 
 
+def per_trial_split(a_rows: list[dict[str, Any]], b_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-trial times of both runs, the first trial of each apart from the rest.
+
+    The first trial of (b) also carries its trial process's one-time work (importing every
+    trainable, torch's first optimizer importing torch._dynamo), which (a) did before its timing;
+    the later trials of a reused trial process show the per-trial cost (reports, checkpoints,
+    switching trials). `steady_diffs`: (b) - (a) in seconds of every trial that is the first of
+    neither run, matched by config."""
+    b_sorted = sorted(b_rows, key=lambda r: r.get("start", 0.0))
+    firsts = {_key(a_rows[0]["trial"])} if a_rows else set()
+    if b_sorted:
+        firsts.add(_key(b_sorted[0]["trial"]))
+    b_by = {_key(r["trial"]): r for r in b_rows}
+    diffs = [b_by[_key(r["trial"])]["seconds"] - r["seconds"] for r in a_rows
+             if _key(r["trial"]) not in firsts and _key(r["trial"]) in b_by]
+    diffs_sorted = sorted(diffs)
+    median = None
+    if diffs_sorted:
+        mid = len(diffs_sorted) // 2
+        median = diffs_sorted[mid] if len(diffs_sorted) % 2 else (diffs_sorted[mid - 1] + diffs_sorted[mid]) / 2
+    return {
+        "first_a_s": a_rows[0]["seconds"] if a_rows else None,
+        "first_b_s": b_sorted[0]["seconds"] if b_sorted else None,
+        "steady_diffs": diffs,
+        "steady_median_diff_s": median,
+    }
+
+
 def max_metric_diff(a_rows, b_rows, metric: str) -> float | None:
     b_by = {_key(r["trial"]): r for r in b_rows}
     diffs = [abs(r[metric] - b_by[_key(r["trial"])][metric]) for r in a_rows
@@ -241,12 +402,14 @@ def main(argv: list[str] | None = None) -> int:
 
         # -- (a)
         print(f"\n== (a) plain loop: {n} trials, one at a time, {ncores} torch threads", flush=True)
-        a_s, a_rows = run_plain(trials, stage_root, args.data_root, base / "plain", ncores)
+        with LoadMonitor() as load_a:
+            a_s, a_rows = run_plain(trials, stage_root, args.data_root, base / "plain", ncores)
 
         # -- (b)
         conc_b = 1 if args.equal_concurrency else ncores
         print(f"\n== (b) secsweep.sweep.run({sweep.name}, {' '.join(b_argv)})", flush=True)
-        b_s, rc, b_t0 = run_platform(sweep, b_argv)
+        with LoadMonitor() as load_b:
+            b_s, rc, b_t0 = run_platform(sweep, b_argv)
         b_rows = tune_trials(storage, sweep.name)
         b_end = b_t0 + b_s
 
@@ -260,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         a_mean = sum(r["seconds"] for r in a_rows) / n
         b_mean = sum(r["seconds"] for r in b_rows) / len(b_rows) if b_rows else None
         d_acc, d_asr = max_metric_diff(a_rows, b_rows, "clean_acc"), max_metric_diff(a_rows, b_rows, "asr")
+        split = per_trial_split(a_rows, b_rows)
+        others = [x for x in (load_a.other_cores, load_b.other_cores) if x is not None]
+        noisy = bool(others) and max(others) > NOISY_SHARE * ncores
         if args.equal_concurrency:
             a_how = f"1 trial at a time, {ncores} torch threads"
             b_how = f"1 trial at a time, {ncores} CPUs and {ncores} torch threads (--equal-concurrency)"
@@ -284,10 +450,25 @@ def main(argv: list[str] | None = None) -> int:
                   f"after last result ~{teardown:.0f} s (report, plots, artifacts, ray.shutdown)")
         print(f"ratio b/a        : {ratio:.2f}   (goal <= {GOAL} on the default grid)")
         print(f"per-trial overhead: {per_trial:+.1f} s   ((b - a) / {n} trials)")
+        if split["first_b_s"] is not None and split["first_a_s"] is not None:
+            print(f"first trial      : (a) {split['first_a_s']:.1f} s, (b) {split['first_b_s']:.1f} s inside Tune "
+                  f"(also its trial process's one-time imports, which (a) did before its timing)")
+        if split["steady_median_diff_s"] is not None:
+            print(f"later trials     : median (b - a) {split['steady_median_diff_s']:+.2f} s per trial over "
+                  f"{len(split['steady_diffs'])} trial(s) (reports, checkpoints, switching trials)")
+        if load_a.other_cores is not None and load_b.other_cores is not None:
+            print(f"background load  : other processes used {load_a.other_cores:.2f} cores on average during (a), "
+                  f"{load_b.other_cores:.2f} during (b), of {ncores}; the benchmark itself used "
+                  f"{load_a.own_cpu_s:.0f} CPU-s in (a), {load_b.own_cpu_s:.0f} CPU-s in (b) (Ray's processes included)")
+            print("    (b) CPU-s    : " + ", ".join(f"{name} {sec:.1f}" for name, sec in load_b.top_own()))
         print(f"concurrency      : {conc_note}")
         if d_acc is not None:
             print(f"same trials      : max |clean_acc a - b| = {d_acc:.4f}, max |asr a - b| = {d_asr:.4f} "
                   f"(differences come from thread counts, not from the platform)")
+        if noisy:
+            print(f"WARNING: other processes used more than {NOISY_SHARE:.0%} of the cores during a run: both "
+                  f"timings are slowed by different amounts and b/a is not the platform's cost; rerun on an "
+                  f"idle machine", file=sys.stderr)
         if not ok_b:
             print(f"WARNING: (b) exit code {rc}, {finished}/{n} trials finished: "
                   f"the timing of (b) is not comparable", file=sys.stderr)
@@ -306,6 +487,11 @@ def main(argv: list[str] | None = None) -> int:
                 "b_startup_s": startup, "b_teardown_s": teardown,
                 "stage_precompute_s": stage_s, "stages": n_stages, "mlflow_store_init_s": mlflow_s,
                 "max_abs_diff_clean_acc": d_acc, "max_abs_diff_asr": d_asr,
+                "first_trial_a_s": split["first_a_s"], "first_trial_b_s": split["first_b_s"],
+                "later_trials_diff_s": split["steady_diffs"], "later_trials_median_diff_s": split["steady_median_diff_s"],
+                "other_cores_a": load_a.other_cores, "other_cores_b": load_b.other_cores,
+                "own_cpu_s_a": load_a.own_cpu_s, "own_cpu_s_b": load_b.own_cpu_s, "noisy": noisy,
+                "b_cpu_s_by_process": load_b.top_own(12),
                 "b_exit_code": rc, "b_ok": ok_b, "argv_b": b_argv, "set": args.set,
                 "ray": ray.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
                 "a_trials": a_rows, "b_trials": b_rows,
