@@ -7,7 +7,8 @@ An artifact is two files in a run's output folder: `<name>.safetensors` (the wei
   so a consumer rebuilds the module without knowing the config that trained it;
 * ``role`` — what the model is for (classifier, encoder, projector, ...): a consumer that needs an
   encoder refuses a generator;
-* ``input`` — the input contract (channels, size, value range, normalisation) the model expects;
+* ``input`` — the input contract: channels, size and value range of the images the model takes
+  (every model normalises inside itself; the card records the mean and std it applies);
 * ``feature_dim`` / ``num_classes`` — its output sizes, where they apply;
 * ``provenance`` — the producing trainable, its config and code fingerprint (added by the
   Context that saves it), for the MLflow run and for `secsweep stages list`.
@@ -38,8 +39,12 @@ CARD_SUFFIX = ".model.json"
 
 @dataclass(frozen=True)
 class InputContract:
-    """What a model expects as input: (channels, size, size) float images in `value_range`,
-    normalised inside the model or by (x - mean) / std given here (None: not normalised)."""
+    """What a model expects as input: (channels, size, size) float images in `value_range`.
+
+    Every model normalises inside itself, so consumers always pass images in `value_range`;
+    `mean` / `std` record the normalisation the model applies ((x - mean) / std per channel; None:
+    none), for people and for tools that compare models. Adversarial ops rely on this: their ε is in
+    pixel units of `value_range`."""
 
     channels: int
     size: int
