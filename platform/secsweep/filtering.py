@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from .backdoor import DefenseConfig, Victim, build_victim_model, constant, fit, save_classifier
@@ -61,6 +60,8 @@ def detection_metrics(scores: torch.Tensor, flagged: torch.Tensor, poisoned: tor
     flagged = flagged.bool().cpu()
     n_pos, n_neg = int(poisoned.sum()), int((~poisoned).sum())
     scores = scores.detach().cpu().to(torch.float64)
+    from sklearn.metrics import roc_auc_score  # lazy: importing scikit-learn costs 1-3 s per process
+
     auc = roc_auc_score(poisoned.numpy(), scores.numpy()) if n_pos and n_neg else 0.5
     return {
         AUC: float(auc),

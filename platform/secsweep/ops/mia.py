@@ -13,7 +13,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 
 from secsweep import names
@@ -282,6 +281,8 @@ def roc_auc(scores: torch.Tensor, is_member: torch.Tensor) -> float:
     n_pos = int(is_member.sum())
     if n_pos == 0 or n_pos == is_member.numel():
         return math.nan
+    from sklearn.metrics import roc_auc_score  # lazy: importing scikit-learn costs 1-3 s per process
+
     return float(roc_auc_score(is_member.cpu().numpy(), scores.detach().to("cpu", torch.float64).numpy()))
 
 
@@ -337,6 +338,8 @@ def fit_threshold(scores: torch.Tensor, is_member: torch.Tensor) -> float:
     # roc_curve without dropping points: thresholds[i] runs over +inf and every distinct score, in
     # descending order, and tpr[i] / fpr[i] are the rates of "member iff score >= thresholds[i]".
     s = scores.detach().to("cpu", torch.float64).numpy()
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, thresholds = roc_curve(is_member.cpu().numpy(), s, drop_intermediate=False)
     # balanced accuracy (tp / n_pos + tn / n_neg) / 2 ranks like the integer tp * n_neg - fp * n_pos,
     # which compares ties exactly
