@@ -133,3 +133,22 @@ def paper_grid(points: Sequence[Mapping[str, Any]], *, trainable: str | None = N
                 merged[key] = {**extra[key], **p[key]}
         out.append(merged)
     return out
+
+
+# Self-supervised pre-training (sweeps/ssl_pretrain.py; docs/methods.md, "Self-supervised encoders"):
+# lightly's CIFAR-10 benchmark, whose kNN accuracies at 200 epochs are the anchors (ResNet-18, batch
+# 512, SGD lr 0.06 x batch / 128 = 0.24, momentum 0.9, weight decay 5e-4, cosine decay). The kNN
+# bank: lightly uses all 50,000 training images; here a 10,000-image labelled sample (monitor_size).
+PAPER_SSL: dict[str, Any] = {
+    "dataset": "cifar10",
+    "model": "preact_resnet18",
+    "train_size": 0,             # the whole training set
+    "epochs": 200,
+    "batch_size": 512,
+    "optimizer": "sgd",
+    "lr": 0.24,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "schedule": "cosine",
+    "monitor_size": 10000,
+}

@@ -96,9 +96,14 @@ class SSLConfig:
 
 
 def backbone(cfg: Any, shape: tuple[int, int, int]) -> tuple[nn.Module, dict[str, Any]]:
-    """The encoder of `cfg.model` for images of `shape` (C, H, W), and its artifact arguments."""
+    """The encoder of `cfg.model` for images of `shape` (C, H, W), and its artifact arguments.
+
+    Seeds torch with `cfg.seed` first, so the backbone and the heads a method builds right after
+    it start from the same weights in every run (and a resumed run's first epoch equals an
+    uninterrupted one's)."""
     c, h, _ = shape
     args = {"num_classes": 0, "in_channels": int(c), "image_size": int(h)}
+    torch.manual_seed(cfg.seed)
     return models_mod.build(cfg.model, args), args
 
 
