@@ -38,7 +38,7 @@ from secsweep.registry import register
 @dataclass(frozen=True)
 class Config(ssl.SSLConfig):
     optimizer: str = "sgd"         # SimSiam §4 and lightly's CIFAR-10 benchmark train with SGD
-    lr: float = 0.06               # lightly CIFAR-10 benchmark base rate (it scales it by batch / 128; SimSiam: 0.05 x batch / 256)
+    lr: float = 0.06               # lightly CIFAR-10 base rate (scaled there by batch/128; SimSiam: 0.05 x batch/256)
     weight_decay: float = 5e-4     # lightly CIFAR-10 benchmark (SimSiam ImageNet: 1e-4)
     proj_dim: int = 512            # projector output (SimSiam: 2048 = its hidden width; scaled)
     pred_hidden_dim: int = 128     # predictor bottleneck, proj_dim / 4 (SimSiam §4.4: 512 of 2048)
