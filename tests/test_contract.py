@@ -24,6 +24,13 @@ PER_KIND = {
 
 # trainables whose data is fixed by what they wrap (a registry model's task)
 PER_NAME = {"zoo": {"dataset": "mnist", "train_size": 600}}
+# model stealing: a tiny target of the kind each attack steals, digits for every dataset field
+_STEAL = {"epochs": 1, "batch_size": 64, "surrogate_dataset": "digits", "surrogate_size": 300,
+          "downstream_dataset": "digits", "probe_train_size": 300, "probe_test_size": 200}
+_STEAL_ENCODER = {"trainable": "simclr", "dataset": "digits", "train_size": 300, "epochs": 1, "batch_size": 64,
+                  "monitor_size": 100}
+PER_NAME.update({name: {**_STEAL, "target": _STEAL_ENCODER} for name in ("encoder_steal", "cont_steal")})
+PER_NAME["classifier_steal"] = {**_STEAL, "target": {"trainable": "clean", "dataset": "digits", "epochs": 1}}
 
 
 @pytest.mark.parametrize("name", registry.names())

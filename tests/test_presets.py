@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -32,6 +33,11 @@ def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     write_cifar10(root)
     write_cifar100(root)
+    stl = root / "stl10_binary"   # a few STL-10 images in its binary format (the stealing presets' surrogate data)
+    stl.mkdir()
+    for split in ("train", "test"):
+        np.zeros((2, 3, 96, 96), dtype=np.uint8).tofile(stl / f"{split}_X.bin")
+        np.array([1, 2], dtype=np.uint8).tofile(stl / f"{split}_y.bin")
     data._clear_cache()
     yield root
     data._clear_cache()
@@ -76,6 +82,11 @@ def test_every_script_resolves_to_valid_configs_with_the_victim_recipe(planned, 
     built = configs(plan_)
     assert built
     for _, cfg in built:
+        if hasattr(cfg, "surrogate_dataset"):  # model stealing: the thesis's CIFAR-10 target, STL-10 queries
+            target = cfg.target.config()
+            assert target.model == cfg.surrogate_model == "preact_resnet18" and target.dataset == "cifar10"
+            assert cfg.surrogate_dataset == "stl10" and cfg.epochs == 100 and target.train_size == 0
+            continue
         victim = cfg.attack_config() if hasattr(cfg, "attack_config") else cfg
         assert victim.model == "preact_resnet18" and victim.train_size == 0
         assert victim.attack_epochs == 200 and victim.attack_lr == 0.001 and victim.attack_batch_size == 256
