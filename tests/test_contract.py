@@ -31,6 +31,14 @@ _STEAL_ENCODER = {"trainable": "simclr", "dataset": "digits", "train_size": 300,
                   "monitor_size": 100}
 PER_NAME.update({name: {**_STEAL, "target": _STEAL_ENCODER} for name in ("encoder_steal", "cont_steal")})
 PER_NAME["classifier_steal"] = {**_STEAL, "target": {"trainable": "clean", "dataset": "digits", "epochs": 1}}
+# BadEncoder on a tiny digits SimCLR; the downstream classifier on that BadEncoder (its trigger path)
+_DIGITS_SIMCLR = {"trainable": "simclr", "dataset": "digits", "train_size": 300, "epochs": 1, "batch_size": 64,
+                  "monitor_size": 100}
+_BADENCODER = {"encoder": _DIGITS_SIMCLR, "downstream_dataset": "digits", "shadow_size": 200, "n_reference": 3,
+               "epochs": 1, "batch_size": 64, "monitor_size": 100}
+PER_NAME["badencoder"] = _BADENCODER
+PER_KIND["downstream"] = {"encoder": {"trainable": "badencoder", **_BADENCODER}, "epochs": 1, "train_size": 600,
+                          "batch_size": 64}
 
 
 @pytest.mark.parametrize("name", registry.names())

@@ -87,6 +87,12 @@ def test_every_script_resolves_to_valid_configs_with_the_victim_recipe(planned, 
             assert target.model == cfg.surrogate_model == "preact_resnet18" and target.dataset == "cifar10"
             assert cfg.surrogate_dataset == "stl10" and cfg.epochs == 100 and target.train_size == 0
             continue
+        if hasattr(cfg, "finetune"):  # encoder-based scenario: SimCLR CIFAR-10 -> BadEncoder -> STL-10 (FTP §4.4)
+            enc = cfg.encoder.config()
+            simclr = enc.encoder.config() if cfg.encoder.trainable == "badencoder" else enc
+            assert simclr.dataset == "cifar10" and simclr.model == "preact_resnet18" and simclr.epochs == 1000
+            assert cfg.dataset == "stl10" and cfg.epochs == 200
+            continue
         victim = cfg.attack_config() if hasattr(cfg, "attack_config") else cfg
         assert victim.model == "preact_resnet18" and victim.train_size == 0
         assert victim.attack_epochs == 200 and victim.attack_lr == 0.001 and victim.attack_batch_size == 256
