@@ -39,6 +39,9 @@ _BADENCODER = {"encoder": _DIGITS_SIMCLR, "downstream_dataset": "digits", "shado
 PER_NAME["badencoder"] = _BADENCODER
 PER_KIND["downstream"] = {"encoder": {"trainable": "badencoder", **_BADENCODER}, "epochs": 1, "train_size": 600,
                           "batch_size": 64}
+# the ownership watermark check: that tiny BadEncoder, a one-epoch Cont-Steal of it, the clean SimCLR
+PER_NAME["watermark"] = {"target": {"trainable": "badencoder", **_BADENCODER}, "steal_size": 200, "steal_epochs": 1,
+                         "steal_batch_size": 64, "probe_train_size": 300, "probe_test_size": 200}
 
 
 @pytest.mark.parametrize("name", registry.names())
