@@ -16,9 +16,21 @@ from secsweep.context import LocalContext
 
 torch.set_num_threads(1)
 TINY = {"dataset": "digits", "model": "smallcnn", "attack_epochs": 1, "attack_batch_size": 64}
+# DE-FAKE: one-epoch generators (and their clean judge) under the corpus and the detectors
+_TINY_GEN = {"epochs": 1, "fidelity_samples": 5, "classifier": {"trainable": "clean", "epochs": 1}}
+_TINY_DDPM = {"width": 8, "sample_steps": 5}
+_TINY_GENERATORS = {f"generator{i}": {"trainable": t, **_TINY_GEN, **(_TINY_DDPM if t == "ddpm" else {})}
+                    for i, t in enumerate(("ddpm", "cgan", "vae"), 1)}
 PER_KIND = {
     "defense": {"epochs": 1, "batch_size": 64},
     "encoder": {"epochs": 1, "batch_size": 64, "monitor_size": 200, "train_size": 600},
+    # DE-FAKE (tests/test_defake.py): one-epoch generators, a tiny corpus over them, one-epoch detectors
+    "generator": dict(_TINY_GEN),
+    "corpus": {"per_source": 60, **_TINY_GENERATORS},
+    "fake_detector": {"epochs": 1, "corpus": {"trainable": "defake_corpus", "dataset": "digits", "per_source": 60,
+                                              **_TINY_GENERATORS},
+                      "clip": {"trainable": "clip", "dataset": "digits", "epochs": 1, "train_size": 600,
+                               "monitor_size": 200, "image_size": 8, "vision_patch": 4}},
 }
 
 
@@ -37,6 +49,7 @@ _DIGITS_SIMCLR = {"trainable": "simclr", "dataset": "digits", "train_size": 300,
 _BADENCODER = {"encoder": _DIGITS_SIMCLR, "downstream_dataset": "digits", "shadow_size": 200, "n_reference": 3,
                "epochs": 1, "batch_size": 64, "monitor_size": 100}
 PER_NAME["badencoder"] = _BADENCODER
+PER_NAME["ddpm"] = dict(_TINY_DDPM)
 PER_KIND["downstream"] = {"encoder": {"trainable": "badencoder", **_BADENCODER}, "epochs": 1, "train_size": 600,
                           "batch_size": 64}
 # the ownership watermark check: that tiny BadEncoder, a one-epoch Cont-Steal of it, the clean SimCLR

@@ -63,6 +63,11 @@ CONTRACTS: dict[str, KindContract] = {
     "inference": KindContract(),
     "audit": KindContract(),
     "generator": KindContract(outputs={"generator": "generator"}),
+    # a fake-image corpus (DE-FAKE): real images and each generator's fakes with their prompts, as tensors
+    "corpus": KindContract(),
+    # a fake-image detector / attributor (DE-FAKE): saves the classifier, selected on validation accuracy
+    "fake_detector": KindContract(outputs={"detector": "detector"}, objectives={"val_acc": "max"},
+                                  selection=("val_acc", "max")),
 }
 KINDS = tuple(CONTRACTS)
 

@@ -1,0 +1,156 @@
+"""DE-FAKE (docs/methods.md "DE-FAKE"): the generators, the corpus stage, the image-only and hybrid
+detectors, the unseen-generator threshold and the sweep's plan, on tiny real data.
+
+Everything runs on sklearn's 8x8 digits (real handwritten digits; a Fashion-MNIST corpus takes
+minutes per generator on 2 CPUs — its numbers are in docs/methods.md). One corpus is built once
+per module (three generators, a clean judge, the corpus stage) and every detector reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+import pytest
+import torch
+
+from secsweep import registry
+from secsweep.context import LocalContext
+from secsweep.errors import ConfigError
+from secsweep.refs import StageRef
+
+from trainables import defake
+
+pytestmark = pytest.mark.slow
+torch.set_num_threads(1)
+
+JUDGE = {"trainable": "clean", "epochs": 5}
+GEN = {"dataset": "digits", "fidelity_samples": 20, "classifier": JUDGE}
+CORPUS = {"dataset": "digits", "per_source": 300, "train_fraction": 0.5, "val_fraction": 0.25,
+          "generator1": {"trainable": "ddpm", **GEN, "epochs": 6, "batch_size": 64, "width": 16, "sample_steps": 25},
+          "generator2": {"trainable": "cgan", **GEN, "epochs": 10},
+          "generator3": {"trainable": "vae", **GEN, "epochs": 20, "batch_size": 32}}
+IMAGE = {"epochs": 15, "batch_size": 32}
+CLIP = {"trainable": "clip", "dataset": "digits", "image_size": 8, "vision_patch": 4, "epochs": 5,
+        "batch_size": 64, "monitor_size": 200}
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    return LocalContext(workdir=tmp_path_factory.mktemp("defake"), stage_root=tmp_path_factory.mktemp("stages"))
+
+
+@pytest.fixture(scope="module")
+def corpus_ref():
+    return StageRef("defake_corpus", CORPUS)
+
+
+@pytest.fixture(scope="module")
+def corpus_out(ctx, corpus_ref):
+    return ctx.stage(corpus_ref)
+
+
+@pytest.fixture(scope="module")
+def corpus(corpus_out):
+    return defake.read_corpus(corpus_out)
+
+
+def run_detector(ctx, tmp_path, name, **values):
+    spec = registry.get(name)
+    cfg = spec.build_config({"corpus": {"trainable": "defake_corpus", **CORPUS}, **values})
+    sub = LocalContext(workdir=tmp_path / name, stage_root=ctx.stage_root)
+    spec.fn(cfg, sub)
+    return sub.history[-1]
+
+
+def test_corpus_has_no_format_shortcut(corpus):
+    # one encoding for every source: uint8 pixels, read back as multiples of 1/255 in [0, 1]
+    assert corpus.pixels.dtype == torch.uint8
+    images = corpus.images
+    assert images.dtype == torch.float32 and images.min() >= 0 and images.max() <= 1
+    assert torch.equal((images * 255).round() / 255, images)
+    shapes = {tuple(images[corpus.source == s].shape[1:]) for s in range(4)}
+    assert shapes == {(1, 8, 8)}
+    counts = {s: [int(((corpus.source == s) & (corpus.split == k)).sum()) for k in range(3)] for s in range(4)}
+    assert len({tuple(c) for c in counts.values()}) == 1 and counts[0] == [150, 75, 75]
+    # each prompt names the class its image shows (real) or was conditioned on (fake)
+    from secsweep import data
+
+    names = data.class_names("digits")
+    assert all(names[y] in p for p, y in zip(corpus.prompts, corpus.labels.tolist()))
+    assert corpus.generators == ("ddpm", "cgan", "vae")
+
+
+def test_each_generator_is_conditioned_on_its_prompt(corpus_out):
+    m = corpus_out.metrics
+    print({k: round(v, 3) for k, v in m.items() if "acc" in k})
+    # the clean judge's accuracy on each generator's fakes against the class of their prompt (chance 0.1)
+    assert m["real_conditioned_acc"] > 0.8
+    for g in ("ddpm", "cgan", "vae"):
+        assert m[f"conditioned_acc/{g}"] > 0.2, g
+
+
+def test_image_only_detector_and_attributor_beat_chance(ctx, tmp_path):
+    det = run_detector(ctx, tmp_path, "defake_image", task="detect", **IMAGE)
+    att = run_detector(ctx, tmp_path, "defake_image", task="attribute", **IMAGE)
+    print("image-only detect", det["acc"], "attribute", att["acc"])
+    assert det["acc"] > 0.7      # balanced accuracy: chance 0.5
+    assert att["acc"] > 0.5      # chance 0.25
+
+
+def test_unseen_threshold_sweep_picks_on_validation(ctx, tmp_path):
+    # the DDPM held out: its noisy fakes are the ones the attributor is least sure of (measured:
+    # validation accuracy 0.71 at t <= 0.4, 0.75 at t = 0.8, 0.25 at t = 1; with the cGAN or the cVAE
+    # held out the closed-set rule t = 0 is best at this scale: the CNN is confidently wrong on them)
+    out = run_detector(ctx, tmp_path, "defake_image", task="attribute", held_out="ddpm", **IMAGE)
+    val = [out[defake.threshold_key(defake.VAL_OPEN_ACC, t)] for t in defake.THRESHOLDS]
+    test = [out[defake.threshold_key(defake.OPEN_ACC, t)] for t in defake.THRESHOLDS]
+    print("val", [round(v, 3) for v in val], "test", [round(v, 3) for v in test], "t", out[defake.THRESHOLD])
+    best = defake.THRESHOLDS[val.index(max(val))]
+    assert out[defake.THRESHOLD] == best and out[defake.OPEN_ACC] == test[val.index(max(val))]
+    # t = 1 calls everything unseen: the accuracy is the unseen share, 1/4
+    assert abs(test[-1] - 0.25) < 1e-6
+    # an interior optimum: some 0 < t < 1 beats both the closed-set rule (t = 0: "unseen" never
+    # predicted) and t = 1
+    assert max(val[1:-1]) > val[0] + 0.02 and 0 < out[defake.THRESHOLD] < 1
+
+
+def test_hybrid_detector_runs_and_reports(ctx, tmp_path):
+    det = run_detector(ctx, tmp_path, "defake_hybrid", task="detect", clip=CLIP)
+    att = run_detector(ctx, tmp_path, "defake_hybrid", task="attribute", clip=CLIP)
+    img = run_detector(ctx, tmp_path, "defake_image", task="detect", held_out="vae", **IMAGE)
+    hyb = run_detector(ctx, tmp_path, "defake_hybrid", task="detect", clip=CLIP, held_out="vae")
+    print("hybrid detect", det["acc"], "attribute", att["acc"],
+          "unseen vae: image-only", img["unseen_detect_acc"], "hybrid", hyb["unseen_detect_acc"])
+    # measured here (balanced accuracy, chance 0.5 / 0.25): hybrid detect 0.67 vs image-only 0.77;
+    # hybrid attribute 0.92 vs image-only 0.78; on the held-out cVAE image-only 0.95 vs hybrid 0.44.
+    # So at this scale the hybrid attributes better but detects worse and does NOT generalise better
+    # to an unseen generator (the thesis: detection 0.958 vs 0.913, attribution 0.936 vs 0.864): its
+    # 64-d CLIP, trained here on 8x8 digits with class-name captions, embeds the class more than
+    # generation artefacts, and a class-faithful cVAE fake matches its prompt as a real image does.
+    assert det["acc"] > 0.6
+    assert att["acc"] > 0.5
+    for out in (img, hyb):
+        assert 0.0 <= out["unseen_detect_acc"] <= 1.0
+
+
+def test_bad_held_out_is_a_one_line_error():
+    with pytest.raises(ConfigError, match="held_out='nope': must be one of ddpm, cgan, vae"):
+        registry.get("defake_image").build_config({"held_out": "nope"})
+
+
+def test_sweep_plans_detector_x_task_x_held_out():
+    from conftest import ROOT
+    from secsweep.sweep import build_parser, plan
+
+    spec = importlib.util.spec_from_file_location("_defake_sweep", ROOT / "sweeps" / "defake.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    p = plan(mod.SWEEP, build_parser(mod.SWEEP).parse_args([]))
+    keys = {(t["trainable"], t["task"], t["held_out"]) for t in p.trials}
+    assert len(keys) == len(p.trials) == 16
+    smoke = plan(mod.SWEEP, build_parser(mod.SWEEP).parse_args(["--smoke-test"]))
+    assert len(smoke.trials) == 2
+    paper = plan(mod.SWEEP, build_parser(mod.SWEEP).parse_args(["--preset", "paper"]))
+    models = {t.get("model") for t in paper.trials if t["trainable"] == "defake_image"}
+    assert models == {"preact_resnet18"}

@@ -1,0 +1,194 @@
+"""DE-FAKE (thesis ch. 5; docs/methods.md "DE-FAKE"): detecting and attributing generated images.
+
+Shared by the corpus stage (`corpus.py`), the image-only detector (`detector.py`) and the hybrid
+CLIP detector (`hybrid.py`): reading a corpus back, the label sets of the two tasks with one
+generator held out, and the unseen-generator threshold rule.
+
+Sources are numbered 0 = real, 1..G = the corpus's generators in their config order.
+Tasks: "detect" (binary: 0 real, 1 fake) and "attribute" (which source; with a generator held out,
+the classes are real and the seen generators, and at test time a maximum softmax probability below
+a threshold t means "unseen": the open-set rule of the thesis, T§5.4.4).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from secsweep import refs
+from secsweep.config import one_of, positive, require
+from secsweep.refs import StageRef
+
+SPLITS = ("train", "val", "test")
+TASKS = ("detect", "attribute")
+PROMPTS_FILE = "prompts.json"
+CORPUS = "corpus"  # the tensors' file name in the corpus stage's outputs
+# thresholds of the unseen rule searched on validation: 0, 0.1, ..., 1.0 (thesis T§5.4.4)
+THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(11))
+
+ACC, VAL_ACC = "acc", "val_acc"                              # the task's accuracy (test / validation)
+UNSEEN_DETECT_ACC = "unseen_detect_acc"                      # detect: real vs the held-out generator's fakes (test)
+VAL_UNSEEN_DETECT_ACC = "val_unseen_detect_acc"
+OPEN_ACC, VAL_OPEN_ACC = "open_acc", "val_open_acc"          # attribute + held out: (seen + 2)-class accuracy at the picked t
+THRESHOLD = "threshold"                                      # the t picked on validation
+
+
+def threshold_key(prefix: str, t: float) -> str:
+    """Metric name of the open-set accuracy at threshold t: e.g. open_acc_t090 for t = 0.9."""
+    return f"{prefix}_t{round(t * 100):03d}"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A corpus read back: uint8 pixels (N, C, H, W), source (0 real, g >= 1 generator g), class
+    label, split (0 train, 1 val, 2 test), the prompt of each image and the generators' names."""
+
+    pixels: torch.Tensor
+    source: torch.Tensor
+    labels: torch.Tensor
+    split: torch.Tensor
+    prompts: tuple[str, ...]
+    generators: tuple[str, ...]
+
+    @property
+    def images(self) -> torch.Tensor:
+        """float32 images in [0, 1], every value a multiple of 1/255 (the one encoding of all sources)."""
+        return self.pixels.float() / 255.0
+
+    def where(self, split: str) -> torch.Tensor:
+        return torch.nonzero(self.split == SPLITS.index(split)).flatten()
+
+
+def read_corpus(out) -> Corpus:
+    """The corpus of a corpus stage's output (`StageOutput`)."""
+    t = out.tensors(CORPUS)
+    meta = json.loads((Path(out.path) / PROMPTS_FILE).read_text())
+    return Corpus(t["pixels"], t["source"], t["labels"], t["split"], tuple(meta["prompts"]), tuple(meta["generators"]))
+
+
+def _default_corpus() -> StageRef:
+    return StageRef("defake_corpus")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """What the image-only and hybrid detectors share."""
+
+    corpus: StageRef = field(default_factory=_default_corpus)
+    task: str = "attribute"          # detect (real vs fake) or attribute (which source)
+    held_out: str = ""               # a generator of the corpus left out of training ("" = none)
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        refs.check(self, "corpus", kinds=("corpus",))
+        one_of("task", self.task, TASKS)
+        if self.held_out:
+            one_of("held_out", self.held_out, self.generator_names())
+        require(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
+        positive("batch_size", self.batch_size)
+        positive("lr", self.lr)
+
+    def generator_names(self) -> tuple[str, ...]:
+        return self.corpus.config().generator_names()
+
+
+@dataclass(frozen=True)
+class Task:
+    """The label map of a task with a held-out generator: `target[source]` is the training class of
+    each source (-1: held out, never trained on); `num_classes` the classes trained."""
+
+    name: str
+    held: int                 # source index of the held-out generator, 0 = none
+    target: torch.Tensor      # (G + 1,) int64
+    num_classes: int
+
+
+def make_task(cfg: DetectorConfig, corpus: Corpus) -> Task:
+    g = len(corpus.generators)
+    held = corpus.generators.index(cfg.held_out) + 1 if cfg.held_out else 0
+    if cfg.task == "detect":
+        target = torch.tensor([0] + [1] * g)
+        k = 2
+    else:
+        seen = [s for s in range(g + 1) if s != held]
+        target = torch.full((g + 1,), -1, dtype=torch.long)
+        target[seen] = torch.arange(len(seen))
+        k = len(seen)
+    if held:
+        target[held] = -1
+    return Task(cfg.task, held, target, k)
+
+
+def trained_positions(corpus: Corpus, task: Task, split: str) -> torch.Tensor:
+    """Positions of `split` whose source is trained on (the held-out generator's images excluded).
+    For detection the real images are repeated once per seen generator, so that real and fake
+    weigh the same in training (the thesis trains on half real, half fake)."""
+    idx = corpus.where(split)
+    idx = idx[task.target[corpus.source[idx]] >= 0]
+    if task.name == "detect":
+        real = idx[corpus.source[idx] == 0]
+        seen = int((task.target[1:] >= 0).sum())
+        idx = torch.cat([idx, real.repeat(max(seen - 1, 0))])
+    return idx
+
+
+def balanced_accuracy(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean over the classes present of the fraction of that class predicted right."""
+    classes = target.unique()
+    return float(torch.stack([(pred[target == c] == c).float().mean() for c in classes]).mean()) if len(target) else float("nan")
+
+
+def accuracy(pred: torch.Tensor, target: torch.Tensor) -> float:
+    return float((pred == target).float().mean()) if len(target) else float("nan")
+
+
+def evaluate_task(probs_of, corpus: Corpus, task: Task) -> dict[str, float]:
+    """Every metric of the task from `probs_of(positions) -> softmax (n, num_classes)`.
+
+    detect:    acc / val_acc on the trained sources, balanced (the mean of the real and the fake
+               images' accuracies: every source has equally many images); with a held-out generator also
+               unseen_detect_acc: real test images vs the held-out generator's (balanced by sampling
+               equally many real ones, the first in order);
+    attribute: acc / val_acc on the trained sources (closed set); with a held-out generator the
+               open-set accuracy over real, the seen generators and "unseen" at every threshold of
+               THRESHOLDS on validation and test, the threshold picked on validation (ties: the
+               lowest t) and open_acc at it.
+    """
+    out: dict[str, float] = {}
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for split, key in (("val", VAL_ACC), ("test", ACC)):
+        idx = corpus.where(split)
+        probs = probs_of(idx)
+        cache[split] = (idx, probs)
+        src = corpus.source[idx]
+        seen = task.target[src] >= 0
+        score = balanced_accuracy if task.name == "detect" else accuracy  # detect: 1 real : G fake
+        out[key] = score(probs[seen].argmax(1), task.target[src[seen]])
+        if not task.held:
+            continue
+        held = src == task.held
+        if task.name == "detect":
+            n = int(held.sum())
+            real = torch.nonzero(src == 0).flatten()[:n]
+            pred = torch.cat([probs[real].argmax(1), probs[held].argmax(1)])
+            want = torch.cat([torch.zeros(len(real), dtype=torch.long), torch.ones(n, dtype=torch.long)])
+            out[VAL_UNSEEN_DETECT_ACC if split == "val" else UNSEEN_DETECT_ACC] = accuracy(pred, want)
+        else:
+            # open set: the held-out generator's images are class "unseen" (= num_classes)
+            want = torch.where(held, torch.tensor(task.num_classes), task.target[src].clamp(min=0))
+            conf, arg = probs.max(1)
+            for t in THRESHOLDS:
+                pred = torch.where(conf < t, torch.tensor(task.num_classes), arg)
+                out[threshold_key(VAL_OPEN_ACC if split == "val" else OPEN_ACC, t)] = accuracy(pred, want)
+    if task.held and task.name == "attribute":
+        best = max(THRESHOLDS, key=lambda t: (out[threshold_key(VAL_OPEN_ACC, t)], -t))
+        out[THRESHOLD] = best
+        out[VAL_OPEN_ACC] = out[threshold_key(VAL_OPEN_ACC, best)]
+        out[OPEN_ACC] = out[threshold_key(OPEN_ACC, best)]
+    return out
