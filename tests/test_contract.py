@@ -50,6 +50,10 @@ _BADENCODER = {"encoder": _DIGITS_SIMCLR, "downstream_dataset": "digits", "shado
                "epochs": 1, "batch_size": 64, "monitor_size": 100}
 PER_NAME["badencoder"] = _BADENCODER
 PER_NAME["ddpm"] = dict(_TINY_DDPM)
+# PoisonedEncoder on digits (digits downstream too); EncoderMI on two tiny digits SimCLRs
+PER_NAME["poisonedencoder"] = {"epochs": 1, "batch_size": 64, "monitor_size": 200, "train_size": 600,
+                               "downstream": "digits", "downstream_size": 300, "n_reference": 20}
+PER_NAME["encodermi"] = {"target": _DIGITS_SIMCLR, "shadow": {**_DIGITS_SIMCLR, "seed": 1}, "n_samples": 40}
 PER_KIND["downstream"] = {"encoder": {"trainable": "badencoder", **_BADENCODER}, "epochs": 1, "train_size": 600,
                           "batch_size": 64}
 # the ownership watermark check: that tiny BadEncoder, a one-epoch Cont-Steal of it, the clean SimCLR

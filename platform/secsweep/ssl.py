@@ -163,21 +163,32 @@ def features_of(encoder: nn.Module, images: torch.Tensor, device: torch.device) 
 
 def pretrain(cfg: SSLConfig, ctx: Context, model: nn.Module, step, *, after_step_of=None,
              encoder_of: Callable[[nn.Module], nn.Module] = lambda m: m.backbone, arch_args: dict[str, Any],
-             lr_scale: float = 1.0) -> nn.Module:
+             lr_scale: float = 1.0, train_images: torch.Tensor | None = None,
+             final_evaluate: Callable[[nn.Module, torch.device], dict[str, float]] | None = None) -> nn.Module:
     """Pre-train `model` (whose `encoder_of(model)` is the backbone) with `step(model, x, y, gen)`
     on the unlabelled training split; monitor and save the backbone as the artifact `encoder`.
 
     `after_step_of(model)` returns the per-step callback (momentum targets), built on the model as
-    the loop prepared it."""
+    the loop prepared it. `train_images` (N, C, H, W), if given, is what the model trains on instead
+    of the training split's images (a poisoned pre-training set: PoisonedEncoder); the monitors keep
+    the splits. `final_evaluate(backbone, device)` adds metrics to the last epoch's report."""
     torch.manual_seed(cfg.seed)
     splits = load_splits(cfg, ctx)
-    spe = steps_per_epoch(len(splits.train), cfg.batch_size, ctx.world_size)
+    images = splits.train.images if train_images is None else train_images
+    spe = steps_per_epoch(len(images), cfg.batch_size, ctx.world_size)
     lr_at = lr_schedule(cfg.schedule, cfg.lr * lr_scale, cfg.epochs * spe,
                         warmup_steps=round(cfg.warmup_epochs * spe))
     knn, probe = monitors(cfg, splits, lambda m: encoder_of(getattr(m, "module", m)))
-    trained = fit(model, (splits.train.images, None), ctx, epochs=cfg.epochs, batch_size=cfg.batch_size,
+
+    def final(m, device):
+        out = dict(probe(m, device))
+        if final_evaluate is not None:
+            out.update(final_evaluate(encoder_of(getattr(m, "module", m)), device))
+        return out
+
+    trained = fit(model, (images, None), ctx, epochs=cfg.epochs, batch_size=cfg.batch_size,
                   seed=cfg.seed, step=step, opt=cfg.optimizer, lr_at=lr_at, momentum=cfg.momentum,
-                  weight_decay=cfg.weight_decay, evaluate=knn, final_evaluate=probe,
+                  weight_decay=cfg.weight_decay, evaluate=knn, final_evaluate=final,
                   after_step=after_step_of(model) if after_step_of else None)
     c, h, _ = splits.train.shape
     ctx.save_model("encoder", encoder_of(trained), cfg.model, arch_args, "encoder", input=InputContract(c, h))

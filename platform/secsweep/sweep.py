@@ -531,7 +531,7 @@ def plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
         fixed[TRAINABLE_KEY] = name
         space_json = json.dumps({k: repr(v) for k, v in space.items()})
     datasets = {t.get("dataset") for t in trials} if trials else {fixed.get("dataset")}
-    for ds in sorted(d for d in datasets if d) or [_default_dataset(trainables)]:
+    for ds in sorted(d for d in datasets if d) or [d for d in [_default_dataset(trainables)] if d]:
         data_mod.check_available(ds, args.data_root, download=args.download)
     check_configs(configs, args)
     return Plan(sweep, fixed, trials, space, num_samples, space_json)
@@ -582,7 +582,8 @@ def _interleave_by_stage(trials: list[dict], configs: list[Any]) -> list[dict]:
 
 def _default_dataset(trainables: Sequence[str]) -> str:
     cfg = registry.get(trainables[0]).config
-    return next(f.default for f in dataclasses.fields(cfg) if f.name == "dataset")
+    # None for a trainable without a dataset of its own (EncoderMI: its data are its upstream stages')
+    return next((f.default for f in dataclasses.fields(cfg) if f.name == "dataset"), None)
 
 
 # -- running --------------------------------------------------------------------------------------
