@@ -2,7 +2,7 @@
 the offline fake-image corpus, with the unseen-generator threshold swept inside every attribution
 trial that holds a generator out.
 
-    python sweeps/defake.py --smoke-test            # < 1 min of training on 2 CPUs (tiny corpus)
+    python sweeps/defake.py --smoke-test            # tiny digits corpus, 2 trials
     python sweeps/defake.py                         # offline default: Fashion-MNIST, DDPM / cGAN / cVAE fakes
     python sweeps/defake.py --preset paper --download --address auto --gpus-per-trial 0.5
 
@@ -16,7 +16,8 @@ Threshold: an attribution trial with a held-out generator evaluates the rule "ma
 unseen" at t = 0, 0.1, ..., 1.0 on validation and test (open_acc_t000 ... open_acc_t100, every
 epoch), picks t on validation (`threshold`) and reports the test accuracy at it (`open_acc`).
 One training serves every threshold, so t is a reported dimension, not a grid one (a grid over t
-would retrain the same attributor eleven times).
+would retrain the same attributor eleven times). Every trial also reports its test accuracy under
+FGSM, BIM, DI-FGSM (and HybridFool for the hybrid) at eps 0.001 / 0.005 / 0.01 (robustness=True).
 
 Paper preset: the thesis's detectors — ResNet-18 from scratch (preact_resnet18), open_clip's
 pretrained ViT-B/32 (`clip.pretrained=ViT-B-32:openai`, online) with a 1024 -> 512 -> 256 MLP — and
@@ -28,37 +29,39 @@ built here: it needs diffusers' text-to-image pipelines (`diffusers.StableDiffus
 "DE-FAKE"). `--download` fetches the CLIP weights only.
 """
 
+from secsweep.presets import PAPER_DEFAKE_CLIP, PAPER_DEFAKE_IMAGE_MODEL, PAPER_DEFAKE_PER_SOURCE
 from secsweep.sweep import Sweep, grid, main, variants
 
 DETECTORS = ["defake_image", "defake_hybrid"]
 HELD_OUT = ["", "ddpm", "cgan", "vae"]
 
-# tiny stages for --smoke-test: every generator 1 epoch on 1,000 images, 150 images per source
-_TINY_GEN = {"epochs": 1, "train_size": 1000, "fidelity_samples": 5,
-             "classifier": {"trainable": "clean", "epochs": 1, "train_size": 1000}}
-_SMOKE_CORPUS = {"trainable": "defake_corpus", "per_source": 150,
-                 "generator1": {"trainable": "ddpm", **_TINY_GEN, "sample_steps": 10},
+# tiny stages for --smoke-test: sklearn's 8x8 digits (a Fashion-MNIST smoke corpus took 4 min on a
+# loaded 2-CPU machine), every generator 1 epoch, 150 images per source
+_TINY_GEN = {"epochs": 1, "fidelity_samples": 5, "classifier": {"trainable": "clean", "epochs": 1}}
+_SMOKE_CORPUS = {"trainable": "defake_corpus", "dataset": "digits", "per_source": 150,
+                 "generator1": {"trainable": "ddpm", **_TINY_GEN, "width": 8, "sample_steps": 10},
                  "generator2": {"trainable": "cgan", **_TINY_GEN},
                  "generator3": {"trainable": "vae", **_TINY_GEN}}
 
 SWEEP = Sweep(
     name="defake",
     description=__doc__,
-    fixed={},
+    fixed={"robustness": True},  # last epoch: FGSM / BIM / DI-FGSM (+ HybridFool) at eps 0.001, 0.005, 0.01
     grid=variants(
         grid(trainable=DETECTORS, task=["detect"], held_out=HELD_OUT),
         grid(trainable=DETECTORS, task=["attribute"], held_out=HELD_OUT),
     ),
     objectives={"val_acc": "max"},
     selection=("val_acc", "max"),
-    columns=("trainable", "task", "held_out", "acc", "unseen_detect_acc", "open_acc", "threshold", "device_hours"),
+    columns=("trainable", "task", "held_out", "acc", "unseen_detect_acc", "open_acc", "threshold",
+             "robust_acc_fgsm_e0010", "device_hours"),
     presets={
         "paper": {
-            "fixed": {"corpus": {"trainable": "defake_corpus", "per_source": 5000}},
+            "fixed": {"robustness": True, "corpus": {"trainable": "defake_corpus", "per_source": PAPER_DEFAKE_PER_SOURCE}},
             "grid": variants(
-                grid(trainable=["defake_image"], model=["preact_resnet18"], task=["detect", "attribute"],
+                grid(trainable=["defake_image"], model=[PAPER_DEFAKE_IMAGE_MODEL], task=["detect", "attribute"],
                      held_out=HELD_OUT),
-                grid(trainable=["defake_hybrid"], clip=[{"trainable": "clip", "pretrained": "ViT-B-32:openai"}],
+                grid(trainable=["defake_hybrid"], clip=[dict(PAPER_DEFAKE_CLIP)],
                      task=["detect", "attribute"], held_out=HELD_OUT),
             ),
         },
@@ -68,7 +71,8 @@ SWEEP = Sweep(
         "grid": [
             {"trainable": "defake_image", "task": "attribute", "held_out": "vae"},
             {"trainable": "defake_hybrid", "task": "detect", "held_out": "",
-             "clip": {"trainable": "clip", "epochs": 1, "train_size": 1000, "monitor_size": 200}},
+             "clip": {"trainable": "clip", "dataset": "digits", "image_size": 8, "vision_patch": 4, "epochs": 1,
+                      "monitor_size": 200}},
         ],
     },
 )

@@ -152,3 +152,11 @@ PAPER_SSL: dict[str, Any] = {
     "schedule": "cosine",
     "monitor_size": 10000,
 }
+
+# DE-FAKE (sweeps/defake.py; docs/methods.md "DE-FAKE"), thesis ch. 5: the image-only detector is a
+# ResNet-18 trained from scratch, the hybrid embeds with a pretrained CLIP ViT-B/32 (open_clip's
+# OpenAI weights, online). The corpus: the largest the offline sources allow per source (the
+# thesis's 40,000 SD + MSCOCO pairs, half real, need diffusers pipelines and the captions).
+PAPER_DEFAKE_IMAGE_MODEL = "preact_resnet18"
+PAPER_DEFAKE_CLIP: dict[str, Any] = {"trainable": "clip", "pretrained": "ViT-B-32:openai"}
+PAPER_DEFAKE_PER_SOURCE = 5000

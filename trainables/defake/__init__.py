@@ -83,6 +83,7 @@ class DetectorConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
+    robustness: bool = False         # after training: test accuracy under the attacks at ROBUST_EPS
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -192,3 +193,42 @@ def evaluate_task(probs_of, corpus: Corpus, task: Task) -> dict[str, float]:
         out[VAL_OPEN_ACC] = out[threshold_key(VAL_OPEN_ACC, best)]
         out[OPEN_ACC] = out[threshold_key(OPEN_ACC, best)]
     return out
+
+
+# -- robustness (thesis T§5.5, T-Tab 5.4) ---------------------------------------------------------
+
+ROBUST_EPS = (0.001, 0.005, 0.01)  # L-inf budgets in [0, 1] pixel units (thesis T-Tab 5.4)
+PIXEL_ATTACKS = ("fgsm", "bim", "di_fgsm")
+
+
+def robust_key(attack: str, eps: float) -> str:
+    """Metric name of the test accuracy under `attack` at `eps`: e.g. robust_acc_fgsm_e0010 (eps 0.01)."""
+    return f"robust_acc_{attack}_e{round(eps * 1000):04d}"
+
+
+def robustness(model, images: torch.Tensor, target: torch.Tensor, score, *, extra=None) -> dict[str, float]:
+    """Accuracy (`score(pred, target)`) of `model` (pixels -> logits) on `images` perturbed by FGSM,
+    BIM (10 steps) and DI-FGSM (one step at a resized-and-padded copy, p = 0.5) at every eps of
+    ROBUST_EPS (untargeted, white-box: the attacks differentiate through `model`), plus `eps = 0`
+    (clean). `extra(eps) -> perturbed images` adds one more attack under the key "hybridfool"."""
+    from secsweep.ops import adversarial as adv
+
+    model.eval()
+    with torch.no_grad():
+        out = {"robust_acc_clean": score(model(images).argmax(1), target)}
+    attacks = {"fgsm": lambda e: adv.fgsm(model, images, target, e),
+               "bim": lambda e: adv.bim(model, images, target, e),
+               "di_fgsm": lambda e: adv.di_fgsm(model, images, target, e, p=0.5,
+                                                generator=torch.Generator().manual_seed(0))}
+    if extra is not None:
+        attacks["hybridfool"] = extra
+    for name, attack in attacks.items():
+        for eps in ROBUST_EPS:
+            x = attack(eps)
+            with torch.no_grad():
+                out[robust_key(name, eps)] = score(model(x).argmax(1), target)
+    return out
+
+
+def score_of(task: Task):
+    return balanced_accuracy if task.name == "detect" else accuracy

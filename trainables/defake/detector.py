@@ -9,7 +9,9 @@ probability < t means "unseen" — with t searched over 0, 0.1, ..., 1.0 on vali
 open-set accuracy reported on test at the picked t (`open_acc`; per threshold as open_acc_tNNN).
 
 Thesis: ResNet-18 from scratch. Default here: smallcnn (CPU); `model=preact_resnet18` is the
-ResNet-18. Training: SGD momentum 0.9, lr 0.01, weight decay 5e-4, batch 128 (the platform's
+ResNet-18. `robustness=True` adds, on the last epoch, the test accuracy under FGSM, BIM and
+DI-FGSM at eps 0.001 / 0.005 / 0.01 (robust_acc_<attack>_e<eps x 1000>; thesis T-Tab 5.4).
+Training: SGD momentum 0.9, lr 0.01, weight decay 5e-4, batch 128 (the platform's
 classifier recipe; the thesis's optimiser is not stated).
 """
 
@@ -27,7 +29,8 @@ from secsweep.names import DEVICE_HOURS
 from secsweep.registry import register
 from secsweep.training import probabilities
 
-from . import ACC, VAL_ACC, DetectorConfig, evaluate_task, make_task, read_corpus, trained_positions
+from . import (ACC, VAL_ACC, DetectorConfig, evaluate_task, make_task, read_corpus, robustness, score_of,
+               trained_positions)
 
 METRICS = (ACC, VAL_ACC, DEVICE_HOURS)
 
@@ -57,8 +60,14 @@ def run(cfg: Config, ctx) -> None:
     def evaluate(m, device):
         return evaluate_task(lambda idx: probabilities(m, images[idx], device), corpus, task)
 
+    def attacked(m, device):  # the last epoch only: every attack at every eps on the trained test images
+        test = trained_positions(corpus, task, "test").unique()  # (detection repeats real images: once each here)
+        bare = getattr(m, "module", m)
+        return robustness(bare, images[test].to(device), task.target[corpus.source[test]].to(device),
+                          lambda p, t: score_of(task)(p.cpu(), t.cpu()))
+
     model = fit(model, (images[train], task.target[corpus.source[train]]), ctx, epochs=cfg.epochs,
                 batch_size=cfg.batch_size, seed=cfg.seed, opt="sgd", lr=cfg.lr, momentum=cfg.momentum,
-                weight_decay=cfg.weight_decay, evaluate=evaluate)
+                weight_decay=cfg.weight_decay, evaluate=evaluate, final_evaluate=attacked if cfg.robustness else None)
     ctx.save_model("detector", model, cfg.model, {"num_classes": task.num_classes, "in_channels": c, "image_size": h},
                    "detector", input=InputContract(c, h))

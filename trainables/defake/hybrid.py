@@ -11,6 +11,9 @@ Prompts are the corpus's (natural prompts: the text each image was generated fro
 image's caption); a captioner for prompt-less images (BLIP online) is not built here.
 
 Tasks, held-out generator and threshold rule: as the image-only detector (`detector.py`).
+`robustness=True` adds the accuracies under FGSM, BIM and DI-FGSM through the CLIP image tower and
+the head (the prompt embedding held fixed), and under HybridFool (one signed-gradient step that
+pushes the image embedding away from its prompt's, cosine distance: T-Eq 5.4).
 Training: Adam lr 1e-3, batch 32, 30 epochs (measured on the small corpora; the thesis does not state it).
 """
 
@@ -30,7 +33,8 @@ from secsweep.refs import StageRef
 from secsweep.registry import register
 from secsweep.training import probabilities
 
-from . import ACC, VAL_ACC, DetectorConfig, evaluate_task, make_task, read_corpus, trained_positions
+from . import (ACC, VAL_ACC, DetectorConfig, evaluate_task, make_task, read_corpus, robustness, score_of,
+               trained_positions)
 
 METRICS = (ACC, VAL_ACC, DEVICE_HOURS)
 ARCH = "defake_mlp"
@@ -73,6 +77,21 @@ class Config(DetectorConfig):
         require(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)")
 
 
+class OnPixels(nn.Module):
+    """The hybrid as a function of the pixels of a fixed set of images: logits of
+    head([E_i(x) ‖ text[i]]) with the prompts' embeddings `text` (N, E) held constant — what the
+    pixel attacks differentiate through (white-box, through the CLIP image tower)."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, text: torch.Tensor):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+        self.register_buffer("text", text)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.encoder.encode_image(x, normalize=True)
+        return self.head(torch.cat([u, self.text[: len(x)]], 1))
+
+
 def embed(model, corpus, device) -> torch.Tensor:
     """(N, 2E) = [normalised image embedding ‖ normalised prompt embedding] of every corpus image."""
     u = clip_mod.encode_images(model, corpus.images, device)
@@ -94,6 +113,18 @@ def run(cfg: Config, ctx) -> None:
     def evaluate(m, device):
         return evaluate_task(lambda idx: probabilities(m, feats[idx], device), corpus, task)
 
+    def attacked(m, device):  # the last epoch: FGSM / BIM / DI-FGSM and HybridFool on the test images
+        from secsweep.ops.adversarial import hybrid_fool
+
+        test = trained_positions(corpus, task, "test").unique()
+        text = feats[test, feats.shape[1] // 2:].to(device)
+        whole = OnPixels(encoder, getattr(m, "module", m), text).to(device)
+        x = corpus.images[test].to(device)
+        fool = lambda eps: hybrid_fool(x, lambda z: encoder.encode_image(z, normalize=True), text, eps)
+        return robustness(whole, x, task.target[corpus.source[test]].to(device),
+                          lambda p, t: score_of(task)(p.cpu(), t.cpu()), extra=fool)
+
     head = fit(head, (feats[train], task.target[corpus.source[train]]), ctx, epochs=cfg.epochs,
-               batch_size=cfg.batch_size, seed=cfg.seed, opt="adam", lr=cfg.lr, weight_decay=0.0, evaluate=evaluate)
+               batch_size=cfg.batch_size, seed=cfg.seed, opt="adam", lr=cfg.lr, weight_decay=0.0, evaluate=evaluate,
+               final_evaluate=attacked if cfg.robustness else None)
     ctx.save_model("detector", head, ARCH, args, "detector")
