@@ -8,7 +8,6 @@ per module (three generators, a clean judge, the corpus stage) and every detecto
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 
 import pytest
