@@ -173,3 +173,14 @@ def test_attacks_lower_accuracy_as_eps_grows(ctx, tmp_path):
         # HybridFool at 0.01 takes the hybrid detector to 0.323)
         if key not in (("hybrid", "di_fgsm"), ("hybrid", "hybridfool")):
             assert accs[-1] < accs[0], (key, accs)
+
+
+def test_spectra_show_the_smooth_generator(ctx, tmp_path, corpus):
+    out = run_detector(ctx, tmp_path, "defake_image", task="detect", epochs=1)
+    shares = {n: out[f"{defake.HF_SHARE}/{n}"] for n in ("real", "ddpm", "cgan", "vae")}
+    print(shares)
+    assert (tmp_path / "defake_image" / "artifacts" / "spectra.png").stat().st_size > 0
+    # the cVAE's decoder mean is smooth: less high-frequency energy than the real digits
+    assert shares["vae"] < shares["real"]
+    spectra = defake.mean_spectra(corpus.images, corpus.source, 4)
+    assert spectra.shape == (4, 8, 8) and torch.isfinite(spectra).all()

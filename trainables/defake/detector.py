@@ -11,6 +11,8 @@ open-set accuracy reported on test at the picked t (`open_acc`; per threshold as
 Thesis: ResNet-18 from scratch. Default here: smallcnn (CPU); `model=preact_resnet18` is the
 ResNet-18. `robustness=True` adds, on the last epoch, the test accuracy under FGSM, BIM and
 DI-FGSM at eps 0.001 / 0.005 / 0.01 (robust_acc_<attack>_e<eps x 1000>; thesis T-Tab 5.4).
+Every report also carries hf_share/<source> (the test images' spectral energy share above half
+Nyquist) and the trial attaches `spectra.png` (mean log-magnitude spectrum per source, T-Fig 5.4).
 Training: SGD momentum 0.9, lr 0.01, weight decay 5e-4, batch 128 (the platform's
 classifier recipe; the thesis's optimiser is not stated).
 """
@@ -30,7 +32,7 @@ from secsweep.registry import register
 from secsweep.training import probabilities
 
 from . import (ACC, VAL_ACC, DetectorConfig, evaluate_task, make_task, read_corpus, robustness, score_of,
-               trained_positions)
+               spectra_report, trained_positions)
 
 METRICS = (ACC, VAL_ACC, DEVICE_HOURS)
 
@@ -68,6 +70,7 @@ def run(cfg: Config, ctx) -> None:
 
     model = fit(model, (images[train], task.target[corpus.source[train]]), ctx, epochs=cfg.epochs,
                 batch_size=cfg.batch_size, seed=cfg.seed, opt="sgd", lr=cfg.lr, momentum=cfg.momentum,
-                weight_decay=cfg.weight_decay, evaluate=evaluate, final_evaluate=attacked if cfg.robustness else None)
+                weight_decay=cfg.weight_decay, evaluate=evaluate, final_evaluate=attacked if cfg.robustness else None,
+                extra=spectra_report(ctx, corpus))  # the corpus's spectra: what a pixel detector can see
     ctx.save_model("detector", model, cfg.model, {"num_classes": task.num_classes, "in_channels": c, "image_size": h},
                    "detector", input=InputContract(c, h))
