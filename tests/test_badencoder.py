@@ -160,3 +160,23 @@ def test_sweeps_declare_valid_trials_and_paper_presets():
         assert attack.downstream_dataset == "stl10" and attack.epochs == 200 and attack.lr == 0.001
         simclr = attack.encoder.config()
         assert (simclr.dataset, simclr.model, simclr.epochs, simclr.lr) == ("cifar10", "preact_resnet18", 1000, 3e-4)
+
+
+def test_downstream_sft_schedule_runs_whole_model_with_sfts_learning_rate(tmp_path):
+    """schedule=sft: the same trainable with SFT's cyclic rate (SGD); its reported lr is the
+    schedule's at the epoch's last step, not the constant `lr` (tiny digits encoder, seconds)."""
+    from secsweep.backdoor import SFTSchedule
+    from secsweep.training import steps_per_epoch
+
+    enc = {"trainable": "simclr", "dataset": "digits", "train_size": 300, "epochs": 1, "batch_size": 64,
+           "monitor_size": 100}
+    values = {"encoder": enc, "dataset": "digits", "train_size": 600, "epochs": 1, "batch_size": 64,
+              "finetune": "whole", "schedule": "sft", "optimizer": "sgd", "phase1_epochs": 1.0, "lr": 0.05}
+    cfg = registry.get("downstream").build_config(values)
+    ctx = LocalContext(workdir=tmp_path / "w", stage_root=tmp_path / "stages")
+    registry.get("downstream").fn(cfg, ctx)
+    spe = steps_per_epoch(540, 64)  # 600 images less the 10 % validation hold-out
+    expected = SFTSchedule.schedule(cfg, spe)(spe - 1)
+    last = ctx.history[-1]
+    assert last["lr"] == pytest.approx(expected) and last["lr"] != cfg.lr
+    assert last["has_trigger"] == 0.0
