@@ -39,6 +39,20 @@ def pytest_configure(config):
     sys.path[:0] = [str(ROOT / "platform"), str(ROOT)]
 
 
+# The suite runs on two pytest-xdist workers (pyproject: -n 2 --dist loadgroup): every file is one
+# group, so its module-scoped fixtures (trained models, shared stages) are built once, on one
+# worker; the files that start Ray clusters form a single group, so no two clusters (or a cluster
+# and the fake multi-node autoscaler) ever run at once. The other worker meanwhile runs the
+# single-threaded training tests.
+RAY_FILES = {"test_sweeps.py", "test_tracking_outage.py", "test_cluster_sim.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("ray" if name in RAY_FILES else name))
+
+
 # In CI (CI=true, as .ci/run is run) a skipped test is a hole: only tests that need a CUDA device,
 # which CI never has, may skip; any other skip is turned into a failure that says why.
 ALLOWED_CI_SKIP = "CUDA"

@@ -426,21 +426,17 @@ def load_victim(cfg: DefenseConfig, ctx: Context) -> Victim:
 
     attack_cfg = cfg.attack_config()
     spec = registry.get(cfg.attack)
-    if cfg.victim:  # bring your own model: the registry model, the attack only names the trigger tested
+    if cfg.victim:  # bring your own model: the registry model; the attack only names the trigger tested
         out = ctx.stage("zoo", cfg.zoo_config())
         trigger = spec.hooks["trigger"](attack_cfg, None)
-        train = load_split(cfg, ctx, "train")
-        model, _ = ctx.load_model(out, "model", role="classifier")
-        evaluate = BackdoorEval.for_victim(cfg, ctx, trigger)
-        return Victim(model, trigger, train, evaluate, attack_cfg, out.metrics, cfg.min_asr_before,
-                      output=None, attack=cfg.attack)
-    out = ctx.stage(cfg.attack, attack_cfg)
-    trigger = spec.hooks["trigger"](attack_cfg, out)
+    else:
+        out = ctx.stage(cfg.attack, attack_cfg)
+        trigger = spec.hooks["trigger"](attack_cfg, out)
     train = load_split(cfg, ctx, "train")
     model, _ = ctx.load_model(out, "model", role="classifier")
     evaluate = BackdoorEval.for_victim(cfg, ctx, trigger)
     return Victim(model, trigger, train, evaluate, attack_cfg, out.metrics, cfg.min_asr_before,
-                  output=out, attack=cfg.attack)
+                  output=None if cfg.victim else out, attack=cfg.attack)
 
 
 def clean_subset(train: data_mod.ImageSet, fraction: float, seed: int) -> data_mod.ImageSet:
