@@ -39,18 +39,23 @@ def pytest_configure(config):
     sys.path[:0] = [str(ROOT / "platform"), str(ROOT)]
 
 
-# The suite runs on two pytest-xdist workers (pyproject: -n 2 --dist loadgroup): every file is one
-# group, so its module-scoped fixtures (trained models, shared stages) are built once, on one
-# worker; the files that start Ray clusters form a single group, so no two clusters (or a cluster
-# and the fake multi-node autoscaler) ever run at once. The other worker meanwhile runs the
-# single-threaded training tests.
+# The suite runs on two pytest-xdist workers (pyproject: -n 2 --dist loadfile): each test file runs on
+# one worker, so its module-scoped fixtures (trained models, shared stages) are built once. The tests
+# that start Ray clusters (or the fake multi-node autoscaler) take a machine-wide lock, so two of
+# them never run at once; the other worker meanwhile runs the single-threaded training tests.
 RAY_FILES = {"test_sweeps.py", "test_tracking_outage.py", "test_cluster_sim.py"}
+RAY_LOCK = Path(os.environ.get("TMPDIR", "/tmp")) / "secsweep-tests-ray.lock"
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("ray" if name in RAY_FILES else name))
+@pytest.fixture(autouse=True)
+def _one_ray_cluster_at_a_time(request):
+    if request.node.path.name not in RAY_FILES:
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(str(RAY_LOCK)):
+        yield
 
 
 # In CI (CI=true, as .ci/run is run) a skipped test is a hole: only tests that need a CUDA device,
