@@ -263,19 +263,26 @@ def test_resume_after_sigkill_of_the_driver_group_is_faithful(tmp_path, sweep_en
                             env={**env, "TUNE_GLOBAL_CHECKPOINT_S": "3600"}, stdout=log_file, stderr=subprocess.STDOUT,
                             start_new_session=True)
     finished: list = []
+    midway_seen: list = []
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None and not finished:
+        # kill once one trial is FINISHED and another has logged epochs without finishing: on a loaded
+        # machine the short trial can finish before the slow one's first epoch, so wait for both
+        while time.time() < deadline and proc.poll() is None and not (finished and midway_seen):
             time.sleep(0.2)
             # the state file is written after the driver created the MLflow store and parent run;
             # reading the store earlier would race with its table creation
             if any(rr.glob("tiny_sweep-*/secsweep.json")):
                 try:
-                    _, _, children = runs_of(db, "tiny_sweep")
+                    client, _, children = runs_of(db, "tiny_sweep")
                 except AssertionError:
                     continue
                 finished = [c for c in children if c.info.status == "FINISHED"]
-        assert finished, "no trial finished before the deadline: " + (tmp_path / "first.log").read_text()[-3000:]
+                if finished:
+                    midway_seen = [c for c in children if c.info.status != "FINISHED"
+                                   and client.get_metric_history(c.info.run_id, "asr")]
+        assert finished and midway_seen, ("no trial finished while another was mid-way before the deadline: "
+                                          + (tmp_path / "first.log").read_text()[-3000:])
         os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray (raylet, GCS, workers)
         proc.wait(timeout=60)
     finally:
@@ -317,12 +324,14 @@ def test_resume_after_sigkill_of_the_driver_group_is_faithful(tmp_path, sweep_en
         trial_dir = max(exp_dir.glob(f"trial_entry_{t}_*"), key=lambda d: d.stat().st_mtime)
         last = json.loads((trial_dir / "result.json").read_text().splitlines()[-1])
         assert last["epoch"] == 5 and last["iterations_since_restore"] < 5, last
-    # the finished trial: Tune's snapshot still had it running, so Tune restarted it; it reported its
-    # recorded result at once (one row, iteration 1 since restore) instead of training again
+    # the finished trial did not train again: either Tune's snapshot already had it terminated (no new
+    # row), or the snapshot still had it running, Tune restarted it, and it reported its recorded
+    # result at once (one row, iteration 1 since restore)
     for t in done_before:
         rows = [json.loads(ln) for d in exp_dir.glob(f"trial_entry_{t}_*") if (d / "result.json").is_file()
                 for ln in (d / "result.json").read_text().splitlines()]
-        assert [r["iterations_since_restore"] for r in rows[10:]] == [1], rows[10:]
+        n = int(before[t].data.params["attack_epochs"])
+        assert [r["iterations_since_restore"] for r in rows[n:]] in ([], [1]), rows[n:]
 
 
 def test_multi_worker_trial_runs_ray_train_ddp(tmp_path):
