@@ -309,7 +309,7 @@ def tune_host_allocator(env: dict | None = None) -> bool:
     non-main thread from a secondary arena whose freed blocks of a few MB (activations, batches)
     are unmapped and faulted in again on the next batch: on the default SFT grid that doubled the
     minor page faults (10 M vs 5 M per three trials) and the kernel time of a trial against the same
-    loop on the main thread, making it ~20 % slower (docs/benchmarks.md). Raising glibc's mmap and
+    loop on the main thread, making it ~20 % slower (README, Benchmarks). Raising glibc's mmap and
     trim thresholds to `MALLOC_KEEP_BYTES` (the dynamic threshold glibc uses on the main thread does
     the same on a smaller scale) removes that: the process keeps up to that much freed memory for
     reuse. Linux/glibc only; `$SECSWEEP_MALLOC_TUNING=off` leaves the defaults. Returns whether the
