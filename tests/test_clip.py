@@ -185,3 +185,50 @@ def test_pretrained_from_a_local_checkpoint_loads_its_weights_and_skips_training
     reloaded, card = artifacts.load(tmp_path / "w" / "outputs", "encoder", role="encoder")
     x = torch.rand(8, 1, 32, 32)
     assert torch.equal(clip.encode_images(reloaded, x, "cpu"), clip.encode_images(model, x, "cpu"))
+
+
+class _RunsCode:
+    """A pickle whose reduce would run code: a CLIP checkpoint must never execute it."""
+
+    def __reduce__(self):
+        import os as _os
+
+        return (_os.system, (f"touch {_MARKER}",))
+
+
+_MARKER = "/tmp/secsweep-clip-pickle-ran"
+
+
+def test_local_clip_checkpoints_go_through_safeload(tmp_path):
+    """A local CLIP checkpoint is read by secsweep.safeload: a `state_dict` wrapper with DataParallel's
+    `module.` prefix loads the same weights, a pickle that would run code is refused without running,
+    and a checkpoint of another architecture is a one-line error."""
+    import os
+
+    from secsweep import safeload
+
+    config = clip.small_config(embed_dim=32, vision_width=32, patch_size=8)
+    name = clip.register_config(config)
+    source = clip.create(config, seed=1)
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.clip.state_dict().items()}, "epoch": 3}, wrapped)
+    loaded = clip.from_pretrained(name, str(wrapped), cache_dir=str(tmp_path / "cache"))
+    assert all(torch.equal(v, loaded.clip.state_dict()[k]) for k, v in source.clip.state_dict().items())
+    assert safeload.conversion_record(wrapped) is not None  # converted once, sha256 recorded
+
+    if os.path.exists(_MARKER):
+        os.remove(_MARKER)
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": _RunsCode()}, evil)
+    with pytest.raises(Exception) as e:
+        clip.from_pretrained(name, str(evil))
+    assert "evil.pt" in str(e.value) and "\n" not in str(e.value)
+    assert not os.path.exists(_MARKER), "the checkpoint's pickle ran code"
+
+    other = clip.small_config(embed_dim=48, vision_width=32, patch_size=8)
+    misfit = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in clip.create(other).clip.state_dict().items()}, str(misfit))
+    with pytest.raises(ConfigError, match="does not fit"):
+        clip.from_pretrained(name, str(misfit))

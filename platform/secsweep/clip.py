@@ -333,8 +333,11 @@ def from_pretrained(name: str, tag: str, *, cache_dir: str | None = None) -> CLI
     if not is_file and _offline_forced():
         raise ConfigError(f"pretrained={spec}: needs internet to download open_clip's weights, or a "
                           f"cached checkpoint file ({OFFLINE_ENV}=1); offline, leave pretrained empty to train a small CLIP here")
+    if is_file:  # a local checkpoint: read through secsweep.safeload (nothing in it executes)
+        return _from_local_file(open_clip, name, tag, config)
     try:
-        clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, cache_dir=cache_dir)
+        clip, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=tag, cache_dir=cache_dir, weights_only=True)
     except (RuntimeError, OSError, ValueError) as e:
         raise ConfigError(f"pretrained={spec}: needs internet to download open_clip's weights, or a "
                           f"cached checkpoint file; it could not be loaded here ({str(e).splitlines()[0][:160]})") from None
@@ -348,6 +351,33 @@ def from_pretrained(name: str, tag: str, *, cache_dir: str | None = None) -> CLI
         raise ConfigError(f"pretrained={spec}: its open_clip config does not rebuild the loaded model")
     fresh.load_state_dict(model.state_dict())
     return fresh
+
+
+def _from_local_file(open_clip, name: str, path: str, config: dict) -> CLIPModel:
+    """open_clip model `name` with the weights of the local file `path`, read by `safeload` (safetensors,
+    or a weights-only torch checkpoint converted once to safetensors with its sha256 recorded); a
+    `state_dict` wrapper and DataParallel's `module.` prefix are unwrapped as open_clip does."""
+    from . import safeload
+
+    tensors = safeload.load_weights(path)
+    if any(k.startswith("state_dict.") for k in tensors):
+        tensors = {k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}
+    if tensors and all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    model = create(config)
+    pp = getattr(model.clip.visual, "preprocess_cfg", {}) or {}
+    if "mean" in pp or "std" in pp:  # the model's own normalisation, as for a downloaded tag
+        model = CLIPModel(model.clip, config, tuple(pp.get("mean", model.norm_mean)),
+                          tuple(pp.get("std", model.norm_std)), model.tokenizer_name)
+    try:
+        missing, unexpected = model.clip.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise ConfigError(f"pretrained={name}:{path}: the checkpoint does not fit {name} ({first[:200]})") from None
+    if missing or unexpected:
+        raise ConfigError(f"pretrained={name}:{path}: the checkpoint does not fit {name} "
+                          f"(missing {len(missing)} tensors, e.g. {missing[:2]}; unexpected {len(unexpected)}, e.g. {unexpected[:2]})")
+    return model
 
 
 # --------------------------------------------------------------------------------------------------
