@@ -43,6 +43,10 @@ _STEAL_ENCODER = {"trainable": "simclr", "dataset": "digits", "train_size": 300,
                   "monitor_size": 100}
 PER_NAME.update({name: {**_STEAL, "target": _STEAL_ENCODER} for name in ("encoder_steal", "cont_steal")})
 PER_NAME["classifier_steal"] = {**_STEAL, "target": {"trainable": "clean", "dataset": "digits", "epochs": 1}}
+# transfer attacks: a one-epoch Cont-Steal of the tiny target, another tiny SimCLR as the springboard
+PER_NAME["adv_transfer"] = {"surrogate": {"trainable": "cont_steal", **_STEAL, "target": _STEAL_ENCODER},
+                            "springboard": {**_STEAL_ENCODER, "seed": 1}, "steps": 2, "probe_train_size": 300,
+                            "probe_test_size": 200}
 # BadEncoder on a tiny digits SimCLR; the downstream classifier on that BadEncoder (its trigger path)
 _DIGITS_SIMCLR = {"trainable": "simclr", "dataset": "digits", "train_size": 300, "epochs": 1, "batch_size": 64,
                   "monitor_size": 100}

@@ -52,7 +52,7 @@ class Config:
     target: StageRef = field(default_factory=lambda: StageRef("badencoder"))   # the watermarked encoder
     # the Cont-Steal attack on it (fields of `cont_steal`; its `target` is always this target)
     steal_dataset: str = ""        # surrogate data; "" = the watermark's downstream dataset (strong adversary)
-    steal_size: int = 2000         # surrogate images
+    steal_size: int = 2000         # surrogate images, 0 = the whole training split
     steal_epochs: int = 10         # surrogate epochs
     steal_temperature: float = 0.5
     steal_batch_size: int = 128
@@ -67,7 +67,8 @@ class Config:
                 "must be an encoder attack with a trigger and a target class (badencoder)")
         if self.steal_dataset:
             one_of("steal_dataset", self.steal_dataset, data_mod.DATASETS)
-        for name in ("steal_size", "steal_epochs", "steal_batch_size"):
+        require(self.steal_size >= 0, "steal_size", self.steal_size, "must be >= 0 (0 = the whole training split)")
+        for name in ("steal_epochs", "steal_batch_size"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         require(self.steal_temperature > 0, "steal_temperature", self.steal_temperature, "must be > 0")
         require(self.probe_train_size >= 0, "probe_train_size", self.probe_train_size, "must be >= 0 (0 = all)")
