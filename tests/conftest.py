@@ -43,7 +43,7 @@ def pytest_configure(config):
 # one worker, so its module-scoped fixtures (trained models, shared stages) are built once. The tests
 # that start Ray clusters (or the fake multi-node autoscaler) take a machine-wide lock, so two of
 # them never run at once; the other worker meanwhile runs the single-threaded training tests.
-RAY_FILES = {"test_sweeps.py", "test_tracking_outage.py", "test_cluster_sim.py"}
+RAY_FILES = {"test_sweeps.py", "test_track_sweeps.py", "test_tracking_outage.py", "test_cluster_sim.py"}
 RAY_LOCK = Path(os.environ.get("TMPDIR", "/tmp")) / "secsweep-tests-ray.lock"
 
 
