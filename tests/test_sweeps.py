@@ -388,4 +388,3 @@ def test_every_sweep_script_smoke_runs_and_logs(script, trials, tmp_path, sweep_
         _, _, children = runs_of(tmp_path / "floor.db", script)
         assert all("backdoor not implanted" in c.data.tags.get("warning", "") for c in children)
         assert all(np.isnan(c.data.metrics["val_der"]) for c in children)  # no objective can select them
-
