@@ -32,6 +32,10 @@ PER_KIND = {
                       "clip": {"trainable": "clip", "dataset": "digits", "epochs": 1, "train_size": 600,
                                "monitor_size": 200, "image_size": 8, "vision_patch": 4}},
 }
+# DE-FAKE prompt analysis: that tiny corpus's one-epoch image-only detector, the same tiny CLIP
+PER_KIND["analysis"] = {"detector": {"trainable": "defake_image", "task": "detect",
+                                     **{k: v for k, v in PER_KIND["fake_detector"].items() if k != "clip"}},
+                        "clip": PER_KIND["fake_detector"]["clip"]}
 
 
 # trainables whose data is fixed by what they wrap (a registry model's task)

@@ -68,6 +68,7 @@ CONTRACTS: dict[str, KindContract] = {
     # a fake-image detector / attributor (DE-FAKE): saves the classifier, selected on validation accuracy
     "fake_detector": KindContract(outputs={"detector": "detector"}, objectives={"val_acc": "max"},
                                   selection=("val_acc", "max")),
+    "analysis": KindContract(),  # reads trained stages and reports on them (DE-FAKE prompt analysis): no model
 }
 KINDS = tuple(CONTRACTS)
 
