@@ -25,7 +25,7 @@ def _smoke_plan(script: str):
 
 
 TRACK_SWEEPS = ("ssl_pretrain", "badencoder", "encoder_scenario", "encodermi", "cont_steal", "stealing_defenses",
-                "watermark", "surrogate_adv",
+                "watermark", "surrogate_adv", "prompt_analysis",
                 "defake")
 
 
