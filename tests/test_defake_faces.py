@@ -63,11 +63,12 @@ def test_real_and_fake_faces_share_encoding_size_and_value_range(corpus):
 
 def test_image_detector_tells_lfw_faces_from_gan_faces_on_held_out_images(stages, tmp_path):
     spec = registry.get("defake_image")
-    cfg = spec.build_config({"corpus": "defake_faces", "task": "detect", "epochs": 50, "batch_size": 16, "seed": 0})
+    # 120 training images: batch 32 x 80 epochs = 320 SGD steps (6 seeds: test acc 0.825-1.0, mean 0.93)
+    cfg = spec.build_config({"corpus": "defake_faces", "task": "detect", "epochs": 80, "batch_size": 32, "seed": 0})
     ctx = LocalContext(workdir=tmp_path / "det", stage_root=stages)
     spec.fn(cfg, ctx)
     last = ctx.history[-1]
-    # 40 held-out test images (20 real, 20 fake): >= 0.7 has p < 0.01 under guessing (measured 0.80)
-    assert last["acc"] >= 0.7, last
+    # 40 held-out test images (20 real, 20 fake): >= 0.75 has p < 0.001 under guessing (measured 1.0)
+    assert last["acc"] >= 0.75, last
     # the GAN's faces are smoother than the photographs (the spectrum a pixel detector can use)
     assert last["hf_share/face_gan"] < last["hf_share/real"]
