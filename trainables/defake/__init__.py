@@ -117,7 +117,7 @@ def make_task(cfg: DetectorConfig, corpus: Corpus) -> Task:
         target = torch.tensor([0] + [1] * g)
         k = 2
     else:
-        seen = [s for s in range(g + 1) if s != held]
+        seen = [s for s in range(g + 1) if not held or s != held]  # held = 0: none held out
         target = torch.full((g + 1,), -1, dtype=torch.long)
         target[seen] = torch.arange(len(seen))
         k = len(seen)
