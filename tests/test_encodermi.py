@@ -78,18 +78,22 @@ def test_over_trained_encoder_leaks_membership(members_run):
     _, _, last, auc = members_run
     for m in encodermi.METRICS:
         assert isinstance(last[m], float) and math.isfinite(last[m]), m
-    # measured (docs/methods.md, EncoderMI), AUC over all 128 target queries: threshold 0.627;
-    # the two classifiers trained on the shadow's 64 + 64 samples do not transfer at this scale
-    # (vector 0.475, set 0.413), so only the threshold classifier is held to a margin
+    # measured (docs/methods.md, EncoderMI), AUC over all 128 target queries: vector 0.604,
+    # set 0.568, threshold 0.627 (control: 0.507, 0.477, 0.507); margins about half the gain over
+    # 0.5. The two trained classifiers transfer only because they stop early
+    # (secsweep.ops.encodermi.ATTACK_EPOCHS = 5): at 50 passes they fit the shadow's noise and
+    # reach vector 0.475, set 0.413 here
     assert last["member_similarity"] > last["nonmember_similarity"]
     assert auc["threshold"] > 0.58
+    assert auc["vector"] > 0.55, auc
+    assert auc["set"] > 0.535, auc
     assert last["threshold_auc"] > 0.55 and last["val_threshold_auc"] > 0.55
 
 
 @pytest.mark.slow
 def test_control_with_members_never_seen_is_at_chance(control_run):
     _, _, last, auc = control_run
-    # measured: all-query AUC vector 0.479, set 0.433, threshold 0.507 (one AUC over 64 + 64
+    # measured: all-query AUC vector 0.507, set 0.477, threshold 0.507 (one AUC over 64 + 64
     # queries has a standard deviation of ~0.05 by chance alone)
     assert abs(auc["threshold"] - 0.5) < 0.06, auc
     for k in CLASSIFIERS:

@@ -1,8 +1,10 @@
 """Behaviour of the self-supervised encoders (SimCLR, MoCo v2, BYOL, SimSiam) on tiny real
-Fashion-MNIST: the contrastive methods learn what a random encoder does not have (SimCLR: linear
-probe, kNN, view retrieval; MoCo: kNN), BYOL and SimSiam train without collapsing (at this budget
-they do not beat a random encoder: docs/methods.md), SimCLR's temperature matters, momentum
-targets and queues survive a restart bit for bit, and the `encoder` artifact is the trained encoder.
+Fashion-MNIST: each learns what a random encoder does not have (SimCLR: linear probe, kNN, view
+retrieval; MoCo: kNN and view retrieval; BYOL and SimSiam: view retrieval), BYOL and SimSiam train without
+collapsing, SimCLR's temperature matters, momentum targets and queues survive a restart bit for
+bit, and the `encoder` artifact is the trained encoder. At this budget (~100-190 steps) only
+SimCLR's linear probe beats the random encoder's by more than the probe's noise (~0.014 on 1,000
+test images); docs/methods.md ("Self-supervised encoders") gives the configurations tried and why.
 
 Every algorithm is pre-trained once (a module-scoped fixture, as a cached stage); the resume tests
 use a smaller set of their own. Margins were measured on these exact settings (numbers in the
@@ -28,23 +30,28 @@ pytestmark = [
 ]
 
 ALGORITHMS = ("simclr", "moco", "byol", "simsiam")
-# The contrastive methods: 2,000 images, 3 epochs of batch 64 (96 steps), milder crops than the
-# default (area >= 0.5 of a 28 x 28 image) so that so few steps learn something. BYOL, SimSiam and
-# the temperature pair: 1,000 images, 2 epochs. Each method otherwise at its own defaults (MoCo's
-# queue below the training set, so that it holds no stale copies of the current batch's images).
+# 2,000 images, 3 epochs, milder crops than the default (area >= 0.5 of a 28 x 28 image) so that
+# so few steps learn something: SimCLR at batch 64 (96 steps); MoCo and BYOL at batch 32 (188
+# steps: the momentum targets need steps more than images), BYOL with a faster target (tau_base
+# 0.9 instead of 0.99: at 0.99 the target is still ~40 % its initialisation after 188 steps);
+# SimSiam (without colour jitter: at this budget it learns the crop invariance, with jitter it
+# does not) and the temperature pair: 1,000 images, 2 epochs of batch 64. Each method otherwise at
+# its own defaults (MoCo's queue below the training set, so that it holds no stale copies of the
+# current batch's images).
 TINY = {"dataset": "fashion_mnist", "model": "smallcnn", "train_size": 2000, "epochs": 3, "batch_size": 64,
         "monitor_size": 1000, "crop_min": 0.5}
 SMALL = {**TINY, "train_size": 1000, "epochs": 2, "monitor_size": 500}
-PER_ALGORITHM = {"simclr": {"lr": 3e-3}, "moco": {"lr": 3e-3, "queue_size": 512},
-                 "byol": {**SMALL, "lr": 3e-3}, "simsiam": SMALL}
+PER_ALGORITHM = {"simclr": {"lr": 3e-3}, "moco": {"lr": 3e-3, "queue_size": 512, "batch_size": 32},
+                 "byol": {"lr": 3e-3, "batch_size": 32, "momentum_ema": 0.9}, "simsiam": {**SMALL, "jitter": 0.0}}
 # Margins: about half the gain measured on these settings (test split, random encoder -> trained).
-# SimCLR linear probe 0.741 -> 0.783; kNN SimCLR 0.519 -> 0.584, MoCo 0.519 -> 0.563; view
-# retrieval SimCLR 0.106 -> 0.174. BYOL and SimSiam do not beat the random encoder at this budget
-# (nor at the 10,000-image, 5-epoch default: docs/methods.md); their test is that they train
-# without collapsing.
+# Linear probe: SimCLR 0.741 -> 0.783 (MoCo 0.740 and BYOL 0.754: within the probe's noise of
+# ~0.014, not held to a margin; SimSiam 0.688 vs its set's random 0.756). kNN: SimCLR 0.519 ->
+# 0.584, MoCo 0.519 -> 0.587 (BYOL 0.505; SimSiam 0.468 vs 0.452 on its 500 test images, within
+# noise). View retrieval: SimCLR 0.106 -> 0.174, MoCo 0.106 -> 0.146, BYOL 0.106 -> 0.146,
+# SimSiam (its views have no jitter) 0.134 -> 0.264 (0.078 vs 0.106 with jitter 0.4).
 LINEAR_MARGIN = {"simclr": 0.02}
-KNN_MARGIN = {"simclr": 0.03, "moco": 0.02}
-RETRIEVAL_MARGIN = {"simclr": 0.03}
+KNN_MARGIN = {"simclr": 0.03, "moco": 0.03}
+RETRIEVAL_MARGIN = {"simclr": 0.03, "moco": 0.02, "byol": 0.02, "simsiam": 0.06}
 RESUME = {"dataset": "fashion_mnist", "model": "smallcnn", "train_size": 512, "epochs": 2, "batch_size": 64,
           "monitor_size": 200, "knn_k": 20, "queue_size": 200}
 
