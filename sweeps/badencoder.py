@@ -37,7 +37,8 @@ CLEAN = {"encoder": {"trainable": "simclr"}}  # CA: the same downstream classifi
 PAPER_SIMCLR = {"trainable": "simclr", "dataset": "cifar10", "model": PAPER_VICTIM["model"], "train_size": 0,
                 "epochs": 1000, "batch_size": 256, "optimizer": "adam", "lr": 3e-4}
 PAPER_BADENCODER = {"trainable": "badencoder", "encoder": PAPER_SIMCLR, "downstream_dataset": "stl10",
-                    "target_label": 9, "shadow_size": 0, "epochs": 200, "trigger_position": "bottom_right"}
+                    "target_label": 9, "shadow_size": 0, "epochs": 200, "trigger_position": "bottom_right",
+                    "lr": 0.001, "batch_size": 256, "n_reference": 3}
 PAPER_KNOBS = {**KNOBS, "encoder.shadow_size": [5000, 10000, 25000]}
 
 SWEEP = Sweep(
@@ -52,7 +53,8 @@ SWEEP = Sweep(
     columns=("trainable", *KNOBS, "has_trigger", "asr", "clean_acc", "val_asr", "val_clean_acc", "device_hours"),
     presets={
         "paper": {
-            "fixed": {"encoder": PAPER_BADENCODER, "dataset": "stl10", "finetune": "classifier", "epochs": 200},
+            "fixed": {"encoder": PAPER_BADENCODER, "dataset": "stl10", "finetune": "classifier", "epochs": 200,
+                      "head_norm": False},  # FTP's MLP head (no feature BatchNorm stated)
             "grid": [*one_at_a_time(PAPER_KNOBS), {"encoder": PAPER_SIMCLR}],
         },
     },

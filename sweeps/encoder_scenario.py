@@ -30,7 +30,8 @@ CLEAN = {"encoder": {"trainable": "simclr"}, "finetune": "classifier"}  # CA: th
 PAPER_SIMCLR = {"trainable": "simclr", "dataset": "cifar10", "model": PAPER_VICTIM["model"], "train_size": 0,
                 "epochs": 1000, "batch_size": 256, "optimizer": "adam", "lr": 3e-4}
 PAPER_BADENCODER = {"trainable": "badencoder", "encoder": PAPER_SIMCLR, "downstream_dataset": "stl10",
-                    "target_label": 9, "shadow_size": 0, "epochs": 200, "trigger_position": "bottom_right"}
+                    "target_label": 9, "shadow_size": 0, "epochs": 200, "trigger_position": "bottom_right",
+                    "lr": 0.001, "batch_size": 256, "n_reference": 3}
 
 SWEEP = Sweep(
     name="encoder_scenario",
@@ -45,7 +46,8 @@ SWEEP = Sweep(
              "device_hours"),
     presets={
         "paper": {
-            "fixed": {"encoder": PAPER_BADENCODER, "dataset": "stl10", "epochs": 200, "lr": 3e-4},
+            "fixed": {"encoder": PAPER_BADENCODER, "dataset": "stl10", "epochs": 200, "lr": 3e-4,
+                      "head_norm": False},  # FTP's MLP head (no feature BatchNorm stated)
             "grid": [*WAYS, {**CLEAN, "encoder": PAPER_SIMCLR}],
         },
     },
