@@ -31,17 +31,10 @@ built here: it needs diffusers' text-to-image pipelines (`diffusers.StableDiffus
 
 from secsweep.presets import PAPER_DEFAKE_CLIP, PAPER_DEFAKE_IMAGE_MODEL, PAPER_DEFAKE_PER_SOURCE
 from secsweep.sweep import Sweep, grid, main, variants
+from trainables.defake import SMOKE_CORPUS
 
 DETECTORS = ["defake_image", "defake_hybrid"]
 HELD_OUT = ["", "ddpm", "cgan", "vae"]
-
-# tiny stages for --smoke-test: sklearn's 8x8 digits (a Fashion-MNIST smoke corpus took 4 min on a
-# loaded 2-CPU machine), every generator 1 epoch, 150 images per source
-_TINY_GEN = {"epochs": 1, "fidelity_samples": 5, "classifier": {"trainable": "clean", "epochs": 1}}
-_SMOKE_CORPUS = {"trainable": "defake_corpus", "dataset": "digits", "per_source": 150,
-                 "generator1": {"trainable": "ddpm", **_TINY_GEN, "width": 8, "sample_steps": 10},
-                 "generator2": {"trainable": "cgan", **_TINY_GEN},
-                 "generator3": {"trainable": "vae", **_TINY_GEN}}
 
 SWEEP = Sweep(
     name="defake",
@@ -67,7 +60,7 @@ SWEEP = Sweep(
         },
     },
     smoke={
-        "fixed": {"corpus": _SMOKE_CORPUS, "epochs": 2},
+        "fixed": {"corpus": SMOKE_CORPUS, "epochs": 2},
         "grid": [
             {"trainable": "defake_image", "task": "attribute", "held_out": "vae"},
             {"trainable": "defake_hybrid", "task": "detect", "held_out": "",

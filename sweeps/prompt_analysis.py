@@ -18,14 +18,10 @@ accuracy depends most on what the prompt is about.
 
 from secsweep.presets import PAPER_DEFAKE_CLIP, PAPER_DEFAKE_PER_SOURCE
 from secsweep.sweep import Sweep, grid, main
+from trainables.defake import SMOKE_CORPUS
 
 EPS = [0.05, 0.1, 0.15, 0.2, 0.3, 0.5]  # cosine distance between prompt embeddings
 
-_TINY_GEN = {"epochs": 1, "fidelity_samples": 5, "classifier": {"trainable": "clean", "epochs": 1}}
-_SMOKE_CORPUS = {"trainable": "defake_corpus", "dataset": "digits", "per_source": 150,
-                 "generator1": {"trainable": "ddpm", **_TINY_GEN, "width": 8, "sample_steps": 10},
-                 "generator2": {"trainable": "cgan", **_TINY_GEN},
-                 "generator3": {"trainable": "vae", **_TINY_GEN}}
 
 SWEEP = Sweep(
     name="prompt_analysis",
@@ -46,7 +42,7 @@ SWEEP = Sweep(
                                                     "per_source": PAPER_DEFAKE_PER_SOURCE}}}},
     },
     smoke={
-        "fixed": {"detector": {"trainable": "defake_image", "task": "detect", "epochs": 2, "corpus": _SMOKE_CORPUS},
+        "fixed": {"detector": {"trainable": "defake_image", "task": "detect", "epochs": 2, "corpus": SMOKE_CORPUS},
                   "clip": {"trainable": "clip", "dataset": "digits", "image_size": 8, "vision_patch": 4, "epochs": 1,
                            "monitor_size": 200}},
         "grid": grid(eps=[0.1, 0.3]),

@@ -69,6 +69,15 @@ def read_corpus(out) -> Corpus:
     return Corpus(t["pixels"], t["source"], t["labels"], t["split"], tuple(meta["prompts"]), tuple(meta["generators"]))
 
 
+# the smoke-test corpus the DE-FAKE sweeps share: sklearn's 8x8 digits (a Fashion-MNIST smoke corpus
+# took 4 min on a loaded 2-CPU machine), every generator 1 epoch, 150 images per source
+_TINY_GEN = {"epochs": 1, "fidelity_samples": 5, "classifier": {"trainable": "clean", "epochs": 1}}
+SMOKE_CORPUS = {"trainable": "defake_corpus", "dataset": "digits", "per_source": 150,
+                "generator1": {"trainable": "ddpm", **_TINY_GEN, "width": 8, "sample_steps": 10},
+                "generator2": {"trainable": "cgan", **_TINY_GEN},
+                "generator3": {"trainable": "vae", **_TINY_GEN}}
+
+
 def _default_corpus() -> StageRef:
     return StageRef("defake_corpus")
 
