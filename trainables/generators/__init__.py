@@ -89,6 +89,26 @@ class GeneratorConfig:
         return tuple(tuple(t.format(n) for t in data_mod.DEFAULT_TEMPLATES) for n in data_mod.class_names(self.dataset))
 
 
+@dataclass(frozen=True)
+class LatentGeneratorConfig(GeneratorConfig):
+    """A generator drawing `z_dim` latent dimensions, `width` channels at its widest, and two 2x
+    resolution steps between its 1/4-size feature map and the image (the cGAN and the cVAE)."""
+
+    z_dim: int = 16
+    width: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.shape[1] % 4 == 0, "image_size", self.shape[1], "must be a multiple of 4 (two 2x resolution steps)")
+        require(self.z_dim >= 1, "z_dim", self.z_dim, "must be >= 1")
+        require(self.width >= 1, "width", self.width, "must be >= 1")
+
+    def model_args(self) -> dict:
+        """The registered architecture's arguments (the artifact card's `args`)."""
+        c, h = self.shape
+        return {"num_classes": self.num_classes, "channels": c, "image_size": h, "z_dim": self.z_dim, "width": self.width}
+
+
 def sample_labels(num_classes: int, per_class: int) -> torch.Tensor:
     """(num_classes * per_class,) labels, each class `per_class` times, in class order."""
     return torch.arange(num_classes).repeat_interleave(per_class)
@@ -116,10 +136,18 @@ def conditioned_accuracy(cfg: GeneratorConfig, ctx, model: nn.Module, *, seed: i
     return float((predict(judge, fakes, ctx.device) == labels).float().mean())
 
 
-def train_generator(cfg: GeneratorConfig, ctx, model: nn.Module, *, arch: str, args: dict, opt, step) -> nn.Module:
-    """Train `model` on the real training split with `step` (its loss), report the loss per epoch and
-    the conditioned accuracy at the end, and save it as the "generator" artifact (no input contract:
-    it takes labels and noise; the images it makes are (C, H, W) = cfg.shape in [0, 1])."""
+def _own_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The step of every generator here: the model's own `loss(images, labels, generator)` (unwrapped
+    from DDP, which the loop may have put around it)."""
+    return getattr(model, "module", model).loss(x, y, g)
+
+
+def train_generator(cfg: GeneratorConfig, ctx, model: nn.Module, *, arch: str, args: dict, opt,
+                    step=_own_loss) -> nn.Module:
+    """Train `model` on the real training split with `step` (its loss; default the model's own
+    `loss`), report the loss per epoch and the conditioned accuracy at the end, and save it as the
+    "generator" artifact (no input contract: it takes labels and noise; the images it makes are
+    (C, H, W) = cfg.shape in [0, 1])."""
     torch.manual_seed(cfg.seed)
     train = load_split(cfg, ctx, "train")
     model = fit(model, (train.images, train.labels), ctx, epochs=cfg.epochs, batch_size=cfg.batch_size,

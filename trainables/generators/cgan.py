@@ -20,11 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from secsweep.config import require
 from secsweep.models import register_model
 from secsweep.registry import register
 
-from . import METRICS, GeneratorConfig, noise, train_generator
+from . import METRICS, LatentGeneratorConfig, noise, train_generator
 
 ARCH = "gen_cgan"
 
@@ -89,26 +88,18 @@ def gen_cgan(num_classes: int, channels: int, image_size: int, z_dim: int = 64, 
 
 
 @dataclass(frozen=True)
-class Config(GeneratorConfig):
+class Config(LatentGeneratorConfig):
     epochs: int = 10
     lr: float = 2e-4                 # Adam, betas (0.5, 0.999) (DCGAN paper)
     batch_size: int = 64             # DCGAN paper: 128; more steps per epoch here
     z_dim: int = 64                  # noise dimensions
     width: int = 64                  # channels of the generator's last hidden layer / D's first
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(self.shape[1] % 4 == 0, "image_size", self.shape[1], "must be a multiple of 4 (two 2x upsamplings)")
-        require(self.z_dim >= 1, "z_dim", self.z_dim, "must be >= 1")
-        require(self.width >= 1, "width", self.width, "must be >= 1")
-
 
 @register("cgan", kind="generator", config=Config, metrics=METRICS)
 def run(cfg: Config, ctx) -> None:
-    c, h = cfg.shape
-    args = {"num_classes": cfg.num_classes, "channels": c, "image_size": h, "z_dim": cfg.z_dim, "width": cfg.width}
+    args = cfg.model_args()
     torch.manual_seed(cfg.seed)
     model = gen_cgan(**args)
     train_generator(cfg, ctx, model, arch=ARCH, args=args,
-                    opt=lambda params: torch.optim.Adam(params, lr=cfg.lr, betas=(0.5, 0.999)),
-                    step=lambda m, x, y, g: getattr(m, "module", m).loss(x, y, g))
+                    opt=lambda params: torch.optim.Adam(params, lr=cfg.lr, betas=(0.5, 0.999)))

@@ -106,5 +106,4 @@ def run(cfg: Config, ctx) -> None:
             "train_timesteps": cfg.train_timesteps, "sample_steps": cfg.sample_steps}
     torch.manual_seed(cfg.seed)
     model = gen_ddpm(**args)
-    train_generator(cfg, ctx, model, arch=ARCH, args=args, opt="adam",
-                    step=lambda m, x, y, g: getattr(m, "module", m).loss(x, y, g))
+    train_generator(cfg, ctx, model, arch=ARCH, args=args, opt="adam")

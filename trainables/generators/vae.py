@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secsweep.config import require
 from secsweep.models import register_model
 from secsweep.registry import register
 
-from . import METRICS, GeneratorConfig, noise, train_generator
+from . import METRICS, LatentGeneratorConfig, noise, train_generator
 
 ARCH = "gen_cvae"
 
@@ -62,24 +61,16 @@ def gen_cvae(num_classes: int, channels: int, image_size: int, z_dim: int = 16, 
 
 
 @dataclass(frozen=True)
-class Config(GeneratorConfig):
+class Config(LatentGeneratorConfig):
     epochs: int = 8
     lr: float = 1e-3                 # Adam
     z_dim: int = 16                  # latent dimensions
     width: int = 32                  # channels of the first conv layer
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(self.shape[1] % 4 == 0, "image_size", self.shape[1], "must be a multiple of 4 (two 2x steps)")
-        require(self.z_dim >= 1, "z_dim", self.z_dim, "must be >= 1")
-        require(self.width >= 1, "width", self.width, "must be >= 1")
-
 
 @register("vae", kind="generator", config=Config, metrics=METRICS)
 def run(cfg: Config, ctx) -> None:
-    c, h = cfg.shape
-    args = {"num_classes": cfg.num_classes, "channels": c, "image_size": h, "z_dim": cfg.z_dim, "width": cfg.width}
+    args = cfg.model_args()
     torch.manual_seed(cfg.seed)
     model = gen_cvae(**args)
-    train_generator(cfg, ctx, model, arch=ARCH, args=args, opt="adam",
-                    step=lambda m, x, y, g: getattr(m, "module", m).loss(x, y, g))
+    train_generator(cfg, ctx, model, arch=ARCH, args=args, opt="adam")
