@@ -160,12 +160,14 @@ def surrogate_images(cfg: StealConfig, ctx: Context, info: TargetInfo) -> torch.
     return ds.images[pool[:n].sort().values]
 
 
-def downstream_splits(cfg: StealConfig, ctx: Context, info: TargetInfo) -> tuple[data_mod.ImageSet, ...]:
-    """(train, val, test) of the downstream task in the target's input shape: the training split's
-    seeded `probe_train_size` images less a stratified `val_fraction`, and the test split's first
-    `probe_test_size` images."""
-    dcfg = SimpleNamespace(dataset=cfg.downstream_dataset, train_size=cfg.probe_train_size, image_size=info.size,
-                           channels=info.channels, val_fraction=cfg.val_fraction, seed=cfg.seed)
+def downstream_splits(cfg: Any, ctx: Context, channels: int, size: int,
+                      dataset: str | None = None) -> tuple[data_mod.ImageSet, ...]:
+    """(train, val, test) of the downstream task `dataset` (default `cfg.downstream_dataset`) at the
+    encoders' input shape: the training split's seeded `cfg.probe_train_size` images less a
+    stratified `cfg.val_fraction`, and the test split's first `cfg.probe_test_size` images. The
+    heads of every stealing trainable train and are scored on these."""
+    dcfg = SimpleNamespace(dataset=dataset or cfg.downstream_dataset, train_size=cfg.probe_train_size,
+                           image_size=size, channels=channels, val_fraction=cfg.val_fraction, seed=cfg.seed)
     train, val, test = (load_split(dcfg, ctx, s) for s in ("train", "val", "test"))
     if cfg.probe_test_size and cfg.probe_test_size < len(test):
         test = test.subset(torch.arange(cfg.probe_test_size))

@@ -36,14 +36,12 @@ need a larger budget than ImageNet's 8/255 for the rates to leave zero; the swee
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from secsweep import data as data_mod
 from secsweep import refs
-from secsweep.backdoor import load_split
 from secsweep.config import one_of, require
 from secsweep.names import DEVICE_HOURS
 from secsweep.ops import adversarial as adv
@@ -51,6 +49,8 @@ from secsweep.ops import ssl as ssl_ops
 from secsweep.refs import StageRef
 from secsweep.registry import register
 from secsweep.ssl import features_of
+
+from . import downstream_splits
 
 ATTACKS = ("fgsm", "bim", "pgd", "di_fgsm")
 TRANSFER, SPRINGBOARD_TRANSFER, VAL_TRANSFER = "transfer", "springboard_transfer", "val_transfer"
@@ -146,11 +146,7 @@ def run(cfg: Config, ctx) -> None:
     c, h = card.input.channels, card.input.size
     require((sb_card.input.channels, sb_card.input.size) == (c, h), "springboard", cfg.springboard.trainable,
             f"must take the surrogate's input shape {c}x{h}x{h}")
-    dcfg = SimpleNamespace(dataset=cfg.downstream, train_size=cfg.probe_train_size, image_size=h, channels=c,
-                           val_fraction=cfg.val_fraction, seed=cfg.seed)
-    train, val, test = (load_split(dcfg, ctx, s) for s in ("train", "val", "test"))
-    if cfg.probe_test_size and cfg.probe_test_size < len(test):
-        test = test.subset(torch.arange(cfg.probe_test_size))
+    train, val, test = downstream_splits(cfg, ctx, c, h, cfg.downstream)
 
     def classifier(enc: nn.Module) -> tuple[nn.Module, float]:
         f_train, f_val, f_test = (features_of(enc, ds.images, dev) for ds in (train, val, test))

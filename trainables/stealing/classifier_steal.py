@@ -71,7 +71,7 @@ def step_of(cfg: Config):
 
 
 def classifier_evaluator(cfg: Config, ctx, evaluation: Oracle, info: common.TargetInfo):
-    train, val, test = common.downstream_splits(cfg, ctx, info)
+    train, val, test = common.downstream_splits(cfg, ctx, info.channels, info.size)
     if train.num_classes != info.out_dim:
         raise ValueError(f"downstream_dataset={cfg.downstream_dataset!r}: has {train.num_classes} classes, the "
                          f"target classifies {info.out_dim}; use the target's dataset ({info.dataset})")

@@ -77,7 +77,7 @@ def build_surrogate(cfg: common.StealConfig, info: common.TargetInfo) -> tuple[n
 def encoder_evaluator(cfg: common.StealConfig, ctx: Context, evaluation: Oracle, info: common.TargetInfo):
     """`evaluate(surrogate, device)`: agreement and downstream accuracy of target and surrogate
     (module docstring). The target's side is computed once, here, from the evaluation oracle."""
-    train, val, test = common.downstream_splits(cfg, ctx, info)
+    train, val, test = common.downstream_splits(cfg, ctx, info.channels, info.size)
     k = train.num_classes
     target_feats = [evaluation.query(s.images, "cpu") for s in (train, val, test)]
     target_probe = ssl_ops.linear_probe(target_feats[0], train.labels, target_feats[2], test.labels,

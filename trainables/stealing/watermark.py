@@ -28,13 +28,11 @@ rate on the downstream validation hold-out (selection).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 
 from secsweep import data as data_mod
 from secsweep import refs
-from secsweep.backdoor import load_split
 from secsweep.config import one_of, require
 from secsweep.names import DEVICE_HOURS
 from secsweep.ops import ssl as ssl_ops
@@ -42,6 +40,8 @@ from secsweep.poison import triggered_test_set
 from secsweep.refs import StageRef
 from secsweep.registry import register
 from secsweep.ssl import features_of
+
+from . import downstream_splits
 
 WHO = ("target", "surrogate", "baseline")
 METRICS = (*(f"{w}_{m}" for w in WHO for m in ("wr", "acc")), "val_surrogate_wr", DEVICE_HOURS)
@@ -102,11 +102,7 @@ def run(cfg: Config, ctx) -> None:
                 "surrogate": ctx.load_model(cfg.steal(), "encoder", role="encoder")[0],
                 "baseline": ctx.load_model(wcfg.encoder, "encoder", role="encoder")[0]}
     c, h = ctx.card_of(encoders["target"]).input.channels, ctx.card_of(encoders["target"]).input.size
-    dcfg = SimpleNamespace(dataset=cfg.downstream, train_size=cfg.probe_train_size, image_size=h, channels=c,
-                           val_fraction=cfg.val_fraction, seed=cfg.seed)
-    train, val, test = (load_split(dcfg, ctx, s) for s in ("train", "val", "test"))
-    if cfg.probe_test_size and cfg.probe_test_size < len(test):
-        test = test.subset(torch.arange(cfg.probe_test_size))
+    train, val, test = downstream_splits(cfg, ctx, c, h, cfg.downstream)
     t = int(wcfg.target_label)
     triggered = {name: triggered_test_set(ds.images, ds.labels, stamp, t)[0] for name, ds in (("val", val), ("test", test))}
 
