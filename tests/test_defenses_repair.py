@@ -176,3 +176,31 @@ def test_nad_resumes_with_its_teacher(stage_root, tmp_path, monkeypatch):
     assert [h["epoch"] for h in second.history] == [2]
     assert second.history[-1]["teacher_asr"] == first.history[-1]["teacher_asr"]
     assert second.history[-1]["nad_attention_gap_before"] == first.history[-1]["nad_attention_gap_before"]
+
+
+def test_fp_pruning_cuts_channels_of_a_normalised_mlp_head():
+    """Fine-pruning on a downstream classifier whose head is BatchNorm1d + MLP (the encoder track's
+    default head): a pruned channel no longer reaches the logits, even though the BatchNorm would map a
+    zeroed feature to its bias, and the fraction is over the features."""
+    from torch import nn
+
+    from secsweep.models import EncoderClassifier
+    from trainables.defenses.fp import apply_pruning, input_linear
+
+    torch.manual_seed(0)
+    encoder = build_model("smallcnn", 0, in_channels=1, image_size=8)
+    model = EncoderClassifier(encoder, num_classes=3, hidden_dim=16, head_norm=True).eval()
+    assert isinstance(model.head[0], nn.BatchNorm1d) and input_linear(model.head).in_features == model.feature_dim
+    with torch.no_grad():  # a BatchNorm whose bias is non-zero, so zeroing the head's input would not cut
+        model.head[0].bias.uniform_(0.5, 1.0)
+    pruned = torch.tensor([0, 3, 5])
+    hook = apply_pruning(model, pruned)
+    feats = torch.randn(4, model.feature_dim)
+    poked = feats.clone()
+    poked[:, pruned] += 100.0   # a pruned channel that fires hard changes nothing
+    with torch.no_grad():
+        assert torch.allclose(model.head(feats), model.head(poked))
+    hook.remove()               # the zeroed columns alone keep them cut
+    with torch.no_grad():
+        assert torch.allclose(model.head(feats), model.head(poked))
+        assert (input_linear(model.head).weight[:, pruned] == 0).all()

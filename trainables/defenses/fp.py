@@ -12,7 +12,9 @@ BackdoorBench defaults implied).
 2. Prune channels in increasing order of activation (the most dormant first), one at a time,
    while the validation accuracy stays within ``acc_ratio`` (relative) of the unpruned model's and
    at most ``max_prune_ratio`` of the channels are gone. A pruned channel is removed by zeroing
-   its input column of ``model.head`` and masking the head's input during fine-tuning, which cuts
+   its input column of the head's first Linear layer (the head itself when it is one; a BatchNorm1d
+   before it is per feature, so the column is the channel's only way in) and masking that layer's
+   input during fine-tuning, which cuts
    the channel out of the prediction completely (as BackdoorBench's FP does; for preact_resnet18
    masking ``last_conv`` would silence only the residual branch). Pruning only touches the head,
    so the features are computed once and every pruning step costs a matrix product.
@@ -99,25 +101,41 @@ def prune_channels(model: nn.Module, val: ImageSet, device: torch.device, *, acc
     labels = val.labels.to(device)
     acc_before = accuracy(head(feats).argmax(1), labels)
     mask = torch.ones(feats.shape[1], device=device)
+    hook = input_linear(head).register_forward_pre_hook(lambda module, args: (args[0] * mask,))
     kept, acc_kept = 0, acc_before
-    for k in range(1, int(max_prune_ratio * feats.shape[1]) + 1):
-        mask[order[k - 1]] = 0.0
-        acc = accuracy(head(feats * mask).argmax(1), labels)
-        if acc_before - acc > acc_ratio * acc_before:
-            break
-        kept, acc_kept = k, acc
+    try:
+        for k in range(1, int(max_prune_ratio * feats.shape[1]) + 1):
+            mask[order[k - 1]] = 0.0
+            acc = accuracy(head(feats).argmax(1), labels)
+            if acc_before - acc > acc_ratio * acc_before:
+                break
+            kept, acc_kept = k, acc
+    finally:
+        hook.remove()
     return order[:kept].cpu(), acc_before, acc_kept
+
+
+def input_linear(head: nn.Module) -> nn.Linear:
+    """The head's first Linear layer, which reads the features (the head itself when it is one).
+
+    A downstream head may put a BatchNorm1d (per feature, so channel c stays channel c) or nothing
+    before an MLP; cutting a channel means cutting its column in this layer's weight and its input
+    here, not the head's input (a BatchNorm would map a zeroed feature to its bias)."""
+    first = next((m for m in head.modules() if isinstance(m, nn.Linear)), None)
+    if first is None:
+        raise TypeError(f"fine-pruning needs a head with a Linear layer; got {type(head).__name__}")
+    return first
 
 
 def apply_pruning(model: nn.Module, pruned: torch.Tensor) -> torch.utils.hooks.RemovableHandle:
     """Zero the head's input columns of `pruned` channels and mask the head's input so they stay cut
     during fine-tuning. Returns the hook handle (remove it before handing the model on)."""
-    head = model.head
-    mask = torch.ones(head.in_features, device=head.weight.device, dtype=head.weight.dtype)
+    layer = input_linear(model.head)
+    mask = torch.ones(layer.in_features, device=layer.weight.device, dtype=layer.weight.dtype)
     mask[pruned.to(mask.device)] = 0.0
     with torch.no_grad():
-        head.weight.mul_(mask)
-    return head.register_forward_pre_hook(lambda module, args: (args[0] * mask,))
+        layer.weight.mul_(mask)
+    return layer.register_forward_pre_hook(lambda module, args: (args[0] * mask,))
 
 
 @register("fp", kind="defense", config=Config, metrics=(ASR, CLEAN_ACC, DEVICE_HOURS, PRUNED_FRACTION))
@@ -133,7 +151,7 @@ def run(cfg: Config, ctx) -> None:
     after = victim.evaluate(model, ctx.device)
     extra = {
         **base,
-        PRUNED_FRACTION: len(pruned) / model.head.in_features,
+        PRUNED_FRACTION: len(pruned) / input_linear(model.head).in_features,
         "fp_pruned_channels": float(len(pruned)),
         "fp_val_acc_before": val_before,
         "fp_val_acc_pruned": val_pruned,
