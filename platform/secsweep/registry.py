@@ -46,6 +46,8 @@ CONTRACTS: dict[str, KindContract] = {
                            objectives={"val_asr": "max", "val_clean_acc": "max"}, selection=("val_clean_acc", "max")),
     "defense": KindContract(objectives=_BACKDOOR_OBJECTIVES, selection=("val_der", "max")),
     "detector": KindContract(objectives=_BACKDOOR_OBJECTIVES, selection=("val_der", "max")),
+    # a backdoor-sample detector on an encoder (DeDe, ASSET, DECREE; secsweep.sample_detection): AUC on validation
+    "sample_detector": KindContract(objectives={"val_auc": "max"}, selection=("val_auc", "max")),
     "sequela": KindContract(),
     # a pre-trained encoder (self-supervised or supervised): outputs the backbone
     "encoder": KindContract(outputs={"encoder": "encoder"}, objectives={"val_knn_acc": "max"},
