@@ -113,8 +113,10 @@ def test_cluster_gpu_decision():
                                  "http://127.0.0.1:5000", "https://mlflow.example.org", "databricks",
                                  "databricks://profile", "postgresql+psycopg2://u@db/mlflow", "file:///{tmp}/mlruns",
                                  "{tmp}/mlruns"])
-def test_good_tracking_uris_pass(isolated, uri):
+def test_good_tracking_uris_pass(isolated, monkeypatch, uri):
     """The allowed set: SQLAlchemy databases (sqlite, postgresql, mysql, mssql, +driver), file stores
-    (file: or a bare path), tracking servers (http, https), Databricks."""
+    (file: or a bare path, where MLflow allows them: MLflow 3 only with MLFLOW_ALLOW_FILE_STORE=true),
+    tracking servers (http, https), Databricks."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     (isolated / "empty" / "new").mkdir()
     sw._check_tracking_uri(uri.replace("{tmp}", str(isolated / "empty")))

@@ -138,21 +138,37 @@ def test_bad_held_out_is_a_one_line_error():
         registry.get("defake_image").build_config({"held_out": "nope"})
 
 
-def test_sweep_plans_detector_x_task_x_held_out():
+def _sweep_plans(script: str, *argv: str):
     from conftest import ROOT
     from secsweep.sweep import build_parser, plan
 
-    spec = importlib.util.spec_from_file_location("_defake_sweep", ROOT / "sweeps" / "defake.py")
+    spec = importlib.util.spec_from_file_location(f"_{script}_sweep", ROOT / "sweeps" / f"{script}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    p = plan(mod.SWEEP, build_parser(mod.SWEEP).parse_args([]))
-    keys = {(t["trainable"], t["task"], t["held_out"]) for t in p.trials}
-    assert len(keys) == len(p.trials) == 16
-    smoke = plan(mod.SWEEP, build_parser(mod.SWEEP).parse_args(["--smoke-test"]))
-    assert len(smoke.trials) == 2
-    paper = plan(mod.SWEEP, build_parser(mod.SWEEP).parse_args(["--preset", "paper"]))
-    models = {t.get("model") for t in paper.trials if t["trainable"] == "defake_image"}
-    assert models == {"preact_resnet18"}
+    return plan(mod.SWEEP, build_parser(mod.SWEEP).parse_args(list(argv)))
+
+
+@pytest.mark.parametrize("script, dims, n", [
+    ("defake_detect", ("trainable", "held_out", "train_fraction"), 2 * 4 * 4),
+    ("defake_attribute", ("trainable", "held_out"), 2 * 4),
+    ("defake_robustness", ("trainable", "task"), 2 * 2),
+])
+def test_the_three_sweeps_plan_their_dimensions_and_the_paper_detectors(script, dims, n):
+    """Detection: detector x held-out generator x training-set fraction; attribution: detector x
+    held-out (the threshold inside each trial); robustness: detector x task, every trial attacked.
+    The paper preset swaps in the thesis's ResNet-18 and pretrained ViT-B/32."""
+    p = _sweep_plans(script)
+    keys = {tuple(t[d] for d in dims) for t in p.trials}
+    assert len(keys) == len(p.trials) == n
+    task = {"defake_detect": "detect", "defake_attribute": "attribute"}.get(script)
+    if task:
+        assert p.fixed["task"] == task
+    else:
+        assert p.fixed["robustness"] is True
+    assert len(_sweep_plans(script, "--smoke-test").trials) == 2
+    paper = _sweep_plans(script, "--preset", "paper")
+    assert {t.get("model") for t in paper.trials if t["trainable"] == "defake_image"} == {"preact_resnet18"}
+    assert {t["clip"]["pretrained"] for t in paper.trials if t["trainable"] == "defake_hybrid"} == {"ViT-B-32:openai"}
 
 
 def test_attacks_lower_accuracy_as_eps_grows(ctx, tmp_path):
@@ -198,3 +214,26 @@ def test_attribution_classes_are_the_real_images_and_every_trained_generator():
     assert task.num_classes == 3 and task.target.tolist() == [0, 1, -1, 2]
     task = defake.make_task(spec.build_config({"task": "detect", "held_out": "vae"}), corpus)
     assert task.num_classes == 2 and task.target.tolist() == [0, 1, 1, -1]
+
+
+def test_train_fraction_keeps_the_same_share_of_every_source_and_leaves_val_and_test_alone():
+    """The training-set-size dimension: train_fraction f trains on round(f * n) of each source's
+    training images (a seeded draw), never touches validation or test, and 1.0 is everything."""
+    n = 40  # 10 per source, sources 0..3; splits: 0-5 train, 6-7 val, 8-9 test within each source
+    source = torch.arange(4).repeat_interleave(10)
+    split = torch.tensor([0] * 6 + [1] * 2 + [2] * 2).repeat(4)
+    corpus = defake.Corpus(torch.zeros(n, 1, 2, 2, dtype=torch.uint8), source, torch.zeros(n, dtype=torch.long),
+                           split, ("a",) * n, ("ddpm", "cgan", "vae"))
+    spec = registry.get("defake_image")
+    full = defake.make_task(spec.build_config({"task": "attribute"}), corpus)
+    half = defake.make_task(spec.build_config({"task": "attribute", "train_fraction": 0.5}), corpus)
+    all_train = defake.trained_positions(corpus, full, "train")
+    some = defake.trained_positions(corpus, half, "train")
+    assert len(all_train) == 24 and len(some) == 12 and set(some.tolist()) < set(all_train.tolist())
+    assert torch.bincount(source[some], minlength=4).tolist() == [3, 3, 3, 3]
+    for s in ("val", "test"):
+        assert defake.trained_positions(corpus, half, s).tolist() == defake.trained_positions(corpus, full, s).tolist()
+    other = defake.make_task(spec.build_config({"task": "attribute", "train_fraction": 0.5, "seed": 1}), corpus)
+    assert defake.trained_positions(corpus, other, "train").tolist() != some.tolist()  # the seed draws
+    with pytest.raises(Exception, match="train_fraction"):
+        spec.build_config({"train_fraction": 0.0})

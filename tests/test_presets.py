@@ -69,7 +69,7 @@ def configs(plan_):
 
 # sweeps whose paper preset runs the documents' models on the offline corpus, because the documents'
 # data (DE-FAKE: Stable / Latent Diffusion fakes of MSCOCO captions) is not built by the platform yet
-OFFLINE_CORPUS_SWEEPS = {"defake"}
+OFFLINE_CORPUS_SWEEPS = {"defake_detect", "defake_attribute", "defake_robustness"}
 
 
 def upstream_chain(cfg) -> list:

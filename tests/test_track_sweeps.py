@@ -26,7 +26,7 @@ def _smoke_plan(script: str):
 
 TRACK_SWEEPS = ("ssl_pretrain", "badencoder", "encoder_scenario", "encodermi", "cont_steal", "stealing_defenses",
                 "watermark", "surrogate_adv", "prompt_analysis",
-                "defake")
+                "defake_detect", "defake_attribute", "defake_robustness")
 
 
 @pytest.mark.skipif(not FASHION.is_dir(), reason="needs apt-get install dataset-fashion-mnist")

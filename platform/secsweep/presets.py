@@ -153,10 +153,27 @@ PAPER_SSL: dict[str, Any] = {
     "monitor_size": 10000,
 }
 
-# DE-FAKE (sweeps/defake.py; docs/methods.md "DE-FAKE"), thesis ch. 5: the image-only detector is a
+# DE-FAKE (sweeps/defake_detect.py, defake_attribute.py, defake_robustness.py; docs/methods.md "DE-FAKE"), thesis ch. 5: the image-only detector is a
 # ResNet-18 trained from scratch, the hybrid embeds with a pretrained CLIP ViT-B/32 (open_clip's
 # OpenAI weights, online). The corpus: the largest the offline sources allow per source (the
 # thesis's 40,000 SD + MSCOCO pairs, half real, need diffusers pipelines and the captions).
 PAPER_DEFAKE_IMAGE_MODEL = "preact_resnet18"
 PAPER_DEFAKE_CLIP: dict[str, Any] = {"trainable": "clip", "pretrained": "ViT-B-32:openai"}
 PAPER_DEFAKE_PER_SOURCE = 5000
+
+
+def paper_defake_fixed() -> dict[str, Any]:
+    """The fixed values of the DE-FAKE sweeps' paper preset: the largest offline corpus."""
+    return {"corpus": {"trainable": "defake_corpus", "per_source": PAPER_DEFAKE_PER_SOURCE}}
+
+
+def paper_defake_grid(**dims: Any) -> list[dict[str, Any]]:
+    """The DE-FAKE sweeps' paper grid: the thesis's two detectors (a ResNet-18 from scratch and the
+    hybrid on open_clip's ViT-B/32) crossed with the sweep's own dimensions `dims` (name -> values)."""
+    import itertools
+
+    keys = list(dims)
+    detectors = [{"trainable": "defake_image", "model": PAPER_DEFAKE_IMAGE_MODEL},
+                 {"trainable": "defake_hybrid", "clip": dict(PAPER_DEFAKE_CLIP)}]
+    return [{**d, **dict(zip(keys, values))} for d in detectors
+            for values in itertools.product(*(dims[k] for k in keys))]

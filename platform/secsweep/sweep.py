@@ -241,6 +241,18 @@ def _check_writable_dir(flag: str, value: str) -> None:
         fail(flag, value, f"cannot be created: {base} is not writable")
 
 
+def _check_file_store_allowed(uri: str) -> None:
+    """MLflow 3 keeps its file store in maintenance mode and refuses it unless MLFLOW_ALLOW_FILE_STORE
+    is true (older MLflow has no such switch and accepts it)."""
+    try:
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    except ImportError:
+        return
+    if not MLFLOW_ALLOW_FILE_STORE.get():
+        fail("--tracking-uri", uri, "is an MLflow file store, which this MLflow refuses (maintenance mode): "
+             "use sqlite:///PATH.db, or set MLFLOW_ALLOW_FILE_STORE=true")
+
+
 def _check_tracking_uri(uri: str) -> None:
     from urllib.parse import urlsplit
 
@@ -251,11 +263,14 @@ def _check_tracking_uri(uri: str) -> None:
         return
     scheme = urlsplit(uri).scheme.lower() if "://" in uri or uri.startswith("file:") else ""
     if not scheme or (len(scheme) == 1 and os.name == "nt"):  # a bare path: a local file store
+        _check_file_store_allowed(uri)
         _check_writable_dir(flag, str(Path(uri).expanduser().parent))
         return
     base = scheme.split("+", 1)[0]
     if base not in TRACKING_SCHEMES:
         fail(flag, uri, f"scheme {scheme!r} is not supported; allowed: {', '.join(TRACKING_SCHEMES)} or a bare path")
+    if base == "file":
+        _check_file_store_allowed(uri)
     rest = uri[len(scheme) + 1:]
     if base == "sqlite":
         if not rest.startswith("///") or len(rest) == 3:
@@ -747,8 +762,10 @@ def _launch(plan_: Plan, args) -> int:
     # MLflow is needed now, before launch (a down server is one line here); after launch every write
     # goes through the TrackingQueue and a tracking problem fails nothing
     short_http_retries()
-    client = client_for(tracking_uri)
     try:
+        # in the try: MLflow 3 refuses a file store (file:/bare path) when the client is made, unless
+        # MLFLOW_ALLOW_FILE_STORE=true; that is a one-line error too
+        client = client_for(tracking_uri)
         if args.resume:
             parent = ParentRun(client, state["parent_run_id"])
             parent.reopen()

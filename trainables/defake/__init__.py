@@ -78,6 +78,13 @@ SMOKE_CORPUS = {"trainable": "defake_corpus", "dataset": "digits", "per_source":
                 "generator3": {"trainable": "vae", **_TINY_GEN}}
 
 
+# the hybrid detector's CLIP in the smoke tests: one epoch on the 8x8 digits
+SMOKE_HYBRID_CLIP = {"trainable": "clip", "dataset": "digits", "image_size": 8, "vision_patch": 4, "epochs": 1,
+                     "monitor_size": 200}
+DETECTORS = ["defake_image", "defake_hybrid"]   # the sweeps' detector dimension: pixels vs CLIP image + prompt
+HELD_OUT = ["", "ddpm", "cgan", "vae"]          # the offline corpus's generators a trial may hold out ("" none)
+
+
 def _default_corpus() -> StageRef:
     return StageRef("defake_corpus")
 
@@ -93,6 +100,9 @@ class DetectorConfig:
     batch_size: int = 128
     lr: float = 1e-3
     robustness: bool = False         # after training: test accuracy under the attacks at ROBUST_EPS
+    # share of each trained source's training images used (the training-set-size curve; thesis: the
+    # detectors' accuracy as the training set grows). The validation and test splits are unchanged
+    train_fraction: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -103,6 +113,7 @@ class DetectorConfig:
         require(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
         positive("batch_size", self.batch_size)
         positive("lr", self.lr)
+        require(0.0 < self.train_fraction <= 1.0, "train_fraction", self.train_fraction, "must be in (0, 1]")
 
     def generator_names(self) -> tuple[str, ...]:
         return self.corpus.config().generator_names()
@@ -117,6 +128,8 @@ class Task:
     held: int                 # source index of the held-out generator, 0 = none
     target: torch.Tensor      # (G + 1,) int64
     num_classes: int
+    train_fraction: float = 1.0   # share of each source's training images trained on
+    seed: int = 0                 # which ones (a seeded draw per source)
 
 
 def make_task(cfg: DetectorConfig, corpus: Corpus) -> Task:
@@ -132,7 +145,7 @@ def make_task(cfg: DetectorConfig, corpus: Corpus) -> Task:
         k = len(seen)
     if held:
         target[held] = -1
-    return Task(cfg.task, held, target, k)
+    return Task(cfg.task, held, target, k, cfg.train_fraction, cfg.seed)
 
 
 def trained_positions(corpus: Corpus, task: Task, split: str) -> torch.Tensor:
@@ -141,6 +154,15 @@ def trained_positions(corpus: Corpus, task: Task, split: str) -> torch.Tensor:
     weigh the same in training (the thesis trains on half real, half fake)."""
     idx = corpus.where(split)
     idx = idx[task.target[corpus.source[idx]] >= 0]
+    if split == "train" and task.train_fraction < 1.0:
+        # the same share of every source (at least one image each), a seeded draw kept in corpus order
+        g = torch.Generator().manual_seed(task.seed)
+        kept = []
+        for s in corpus.source[idx].unique():
+            mine = idx[corpus.source[idx] == s]
+            n = max(1, round(task.train_fraction * len(mine)))
+            kept.append(mine[torch.randperm(len(mine), generator=g)[:n]])
+        idx = torch.cat(kept).sort().values
     if task.name == "detect":
         real = idx[corpus.source[idx] == 0]
         seen = int((task.target[1:] >= 0).sum())

@@ -10,7 +10,7 @@ images scaled to [-1, 1]. Sampling: ancestral DDPM steps on `sample_steps` evenl
 Sized for a CPU: two resolution levels of 32 / 64 channels, one ResNet block each (~0.5 M
 parameters at 28 px), a few epochs on 4,000 images. Its samples are blurry and only partly
 class-faithful (see `conditioned_acc`); Stable Diffusion and Latent Diffusion, the thesis's
-generators, are latent text-to-image models at 512 px (online only, `sweeps/defake.py`).
+generators, are latent text-to-image models at 512 px (online only, `sweeps/defake_detect.py`).
 """
 
 from __future__ import annotations

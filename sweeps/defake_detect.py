@@ -1,0 +1,52 @@
+"""DE-FAKE detection (thesis T§5.3; docs/methods.md "DE-FAKE"): real vs fake, image-only vs hybrid
+detector x which generators it trains on x how many training images.
+
+    python sweeps/defake_detect.py --smoke-test      # tiny digits corpus, 2 trials
+    python sweeps/defake_detect.py                   # offline default: Fashion-MNIST, DDPM / cGAN / cVAE fakes
+    python sweeps/defake_detect.py --preset paper --download --address auto --gpus-per-trial 0.5
+
+The corpus (real Fashion-MNIST test images + fakes of a class-conditional DDPM, a conditional GAN
+and a conditional VAE trained here, every image with its class-name prompt) is one cached stage
+every trial shares; the generators and the CLIP the hybrid detector embeds with are cached stages
+below it. Grid: trainable in {defake_image (a CNN on pixels), defake_hybrid (CLIP image ‖ prompt
+embedding -> MLP)} x held_out in {none, ddpm, cgan, vae} (the detector trains on the other
+generators and `unseen_detect_acc` says how well it flags the one it never saw) x train_fraction
+in {0.1, 0.25, 0.5, 1.0} of each source's training images (the training-set-size curve).
+
+Paper preset: the thesis's detectors — ResNet-18 from scratch (preact_resnet18), open_clip's
+pretrained ViT-B/32 (`clip.pretrained=ViT-B-32:openai`, online) with a 1024 -> 512 -> 256 MLP — on
+the largest offline corpus (5,000 per source). The thesis's corpus itself (Stable Diffusion, Latent
+Diffusion, GLIDE, DALL-E 2 fakes of MSCOCO / Flickr30k captions, 40,000 pairs half real) is NOT
+built here: it needs diffusers' text-to-image pipelines (`diffusers.StableDiffusionPipeline`,
+~4 GB of weights from the Hugging Face Hub) and the caption files, which the user downloads
+(MSCOCO captions_train2014.json); a corpus stage over them is future work (docs/methods.md
+"DE-FAKE"). `--download` fetches the CLIP weights only.
+"""
+
+from secsweep.presets import paper_defake_grid, paper_defake_fixed
+from secsweep.sweep import Sweep, grid, main
+from trainables.defake import DETECTORS, HELD_OUT, SMOKE_CORPUS, SMOKE_HYBRID_CLIP
+
+TRAIN_FRACTIONS = [0.1, 0.25, 0.5, 1.0]
+
+SWEEP = Sweep(
+    name="defake_detect",
+    description=__doc__,
+    fixed={"task": "detect"},
+    grid=grid(trainable=DETECTORS, held_out=HELD_OUT, train_fraction=TRAIN_FRACTIONS),
+    objectives={"val_acc": "max"},
+    selection=("val_acc", "max"),
+    columns=("trainable", "held_out", "train_fraction", "acc", "unseen_detect_acc", "device_hours"),
+    presets={"paper": {"fixed": {**paper_defake_fixed(), "task": "detect"},
+                       "grid": paper_defake_grid(held_out=HELD_OUT, train_fraction=[1.0])}},
+    smoke={
+        "fixed": {"corpus": SMOKE_CORPUS, "epochs": 2, "task": "detect"},
+        "grid": [
+            {"trainable": "defake_image", "held_out": "vae", "train_fraction": 0.5},
+            {"trainable": "defake_hybrid", "held_out": "", "train_fraction": 1.0, "clip": SMOKE_HYBRID_CLIP},
+        ],
+    },
+)
+
+if __name__ == "__main__":
+    main(SWEEP)
