@@ -237,3 +237,69 @@ def test_train_fraction_keeps_the_same_share_of_every_source_and_leaves_val_and_
     assert defake.trained_positions(corpus, other, "train").tolist() != some.tolist()  # the seed draws
     with pytest.raises(Exception, match="train_fraction"):
         spec.build_config({"train_fraction": 0.0})
+
+
+def test_retrieval_captioner_names_the_class_and_feeds_the_hybrid(ctx, tmp_path, corpus):
+    """The offline captioner: each image gets the caption-template sentence its CLIP embedding is
+    closest to. On real test digits it names the right class far above chance (0.1), every caption
+    is a candidate sentence, and the hybrid detector trains on generated prompts end to end."""
+    from secsweep import captioner
+    from secsweep import data as data_mod
+
+    encoder, _ = ctx.load_model(StageRef("clip", {k: v for k, v in CLIP.items() if k != "trainable"}), "encoder")
+    real = torch.nonzero((corpus.source == 0) & (corpus.split == 2)).flatten()
+    names = data_mod.class_names("digits")
+    texts = captioner.caption("retrieval", corpus.images[real], "cpu", clip_model=encoder, class_names=names,
+                              templates=data_mod.DEFAULT_TEMPLATES)
+    candidates = captioner.candidate_captions(names, data_mod.DEFAULT_TEMPLATES)
+    assert len(texts) == len(real) and set(texts) <= set(candidates)
+    named = torch.tensor([candidates.index(t) // len(data_mod.DEFAULT_TEMPLATES) for t in texts])
+    hit = float((named == corpus.labels[real]).float().mean())
+    print("retrieval captions name the class of", hit, "of the real test digits")
+    assert hit > 0.5  # measured 0.83 with this 5-epoch 8x8 CLIP (chance 0.1)
+    out = run_detector(ctx, tmp_path, "defake_hybrid", task="detect", clip=CLIP, prompts="retrieval")
+    assert out["acc"] > 0.55
+    with pytest.raises(ConfigError, match="prompts='blip'"):
+        registry.get("defake_hybrid").build_config({"prompts": "blip"})
+
+
+def test_blip_captioner_runs_a_local_safetensors_blip_and_refuses_pickles(tmp_path):
+    """The online captioner's code path on a tiny BLIP built from a config (random weights: the
+    captions are noise, the mechanics are real): saved with safetensors and loaded by folder name,
+    one caption per image; a folder holding only pickled weights is refused in one line."""
+    from transformers import (BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
+                              BlipProcessor)
+
+    from secsweep import captioner
+    from secsweep.errors import ArtifactError
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "digit", "[DEC]"]))
+    tok = BertTokenizerFast(vocab_file=str(vocab), bos_token="[DEC]")
+    proc = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 16, "width": 16}), tokenizer=tok)
+    tiny = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    cfg = BlipConfig(vision_config={**tiny, "image_size": 16, "patch_size": 8},
+                     text_config={**tiny, "vocab_size": 10, "max_position_embeddings": 32, "bos_token_id": 9,
+                                  "pad_token_id": 0, "sep_token_id": 3, "encoder_hidden_size": 16},
+                     projection_dim=16)
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(cfg)
+    good = tmp_path / "blip"
+    model.save_pretrained(good, safe_serialization=True)
+    proc.save_pretrained(good)
+    texts = captioner.caption(f"blip:{good}", torch.rand(3, 1, 8, 8), "cpu")
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    bad = tmp_path / "pickled"   # the same config, but weights in a pickle whose loading would run code
+    bad.mkdir()
+    cfg.save_pretrained(bad)
+    proc.save_pretrained(bad)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (marker.touch, ())
+
+    torch.save({"w": Payload()}, bad / "pytorch_model.bin")
+    with pytest.raises(ArtifactError, match="safetensors"):
+        captioner.caption(f"blip:{bad}", torch.rand(1, 1, 8, 8), "cpu")
+    assert not marker.exists()

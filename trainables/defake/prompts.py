@@ -158,10 +158,10 @@ def detector_probs(cfg: Config, ctx, corpus, positions: torch.Tensor) -> torch.T
     model, _ = ctx.load_model(cfg.detector, "detector")
     det = cfg.detector.config()
     if cfg.detector.trainable == "defake_hybrid":
-        from .hybrid import embed
+        from .hybrid import embed, prompts_of
 
         encoder, _ = ctx.load_model(det.clip, "encoder")
-        feats = embed(encoder, corpus, ctx.device)
+        feats = embed(encoder, corpus, ctx.device, prompts_of(det, encoder, corpus, ctx.device))  # as it trained
         return probabilities(model, feats[positions], ctx.device)
     return probabilities(model, corpus.images[positions], ctx.device)
 
