@@ -67,6 +67,10 @@ PER_KIND["downstream"] = {"encoder": {"trainable": "badencoder", **_BADENCODER},
 # the ownership watermark check: that tiny BadEncoder, a one-epoch Cont-Steal of it, the clean SimCLR
 PER_NAME["watermark"] = {"target": {"trainable": "badencoder", **_BADENCODER}, "steal_size": 200, "steal_epochs": 1,
                          "steal_batch_size": 64, "probe_train_size": 300, "probe_test_size": 200}
+# backdoor detection on a clean model: a one-epoch digits CNN, one NC epoch, tiny STRIP / NEO scans
+PER_NAME["audit_backdoor_fpr"] = {"model": {"trainable": "clean", "dataset": "digits", "epochs": 1},
+                                  "nc_epochs": 1, "nc_images": 32, "strip_images": 50, "neo_images": 4,
+                                  "neo_regions": 20, "neo_confirm": 30}
 
 
 @pytest.mark.parametrize("name", registry.names())

@@ -231,6 +231,10 @@ def write_report(frame: pd.DataFrame, out_dir: Path, *, title: str, columns: Seq
                 curves[f"{row.get('defense', '?')} @ ratio {row.get('reinject_ratio', '?')}"] = h
         if curves:
             paths.append(plot_reinjection(curves, out_dir / "reinjection.png", title=f"{title}: backdoor re-injection"))
+    from .audit_report import is_audit_frame, write_audit_report
+
+    if is_audit_frame(frame):  # audits of models: the per-model table, correlations, detection FPRs
+        paths += write_audit_report(frame, out_dir, title=title)
     return paths
 
 
