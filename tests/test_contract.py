@@ -71,6 +71,10 @@ PER_NAME["watermark"] = {"target": {"trainable": "badencoder", **_BADENCODER}, "
 PER_NAME["audit_backdoor_fpr"] = {"model": {"trainable": "clean", "dataset": "digits", "epochs": 1},
                                   "nc_epochs": 1, "nc_images": 32, "strip_images": 50, "neo_images": 4,
                                   "neo_regions": 20, "neo_confirm": 30}
+# every audit (stealing, MIA, evasion) of a one-epoch digits CNN; its black-box surrogate one epoch too
+PER_KIND["audit"] = {"model": {"trainable": "clean", "dataset": "digits", "epochs": 1}, "max_samples": 100,
+                     "epochs": 1, "aux_size": 100, "mlp_epochs": 2,
+                     "transfer_surrogate": {"trainable": "clean", "epochs": 1}}
 
 
 @pytest.mark.parametrize("name", registry.names())
