@@ -67,6 +67,11 @@ PER_KIND["downstream"] = {"encoder": {"trainable": "badencoder", **_BADENCODER},
 # the ownership watermark check: that tiny BadEncoder, a one-epoch Cont-Steal of it, the clean SimCLR
 PER_NAME["watermark"] = {"target": {"trainable": "badencoder", **_BADENCODER}, "steal_size": 200, "steal_epochs": 1,
                          "steal_batch_size": 64, "probe_train_size": 300, "probe_test_size": 200}
+# sample detectors (secsweep.sample_detection) on that tiny BadEncoder: small test sets and downstream protocol
+PER_KIND["sample_detector"] = {"victim": {"trainable": "badencoder", **_BADENCODER}, "test_size": 100,
+                               "downstream_size": 300, "downstream_epochs": 1, "epochs": 1}
+PER_NAME["dede"] = {"train_size": 200, "patch_size": 2, "width": 32, "heads": 2, "encoder_depth": 1,
+                    "decoder_depth": 1}
 # backdoor detection on a clean model: a one-epoch digits CNN, one NC epoch, tiny STRIP / NEO scans
 PER_NAME["audit_backdoor_fpr"] = {"model": {"trainable": "clean", "dataset": "digits", "epochs": 1},
                                   "nc_epochs": 1, "nc_images": 32, "strip_images": 50, "neo_images": 4,

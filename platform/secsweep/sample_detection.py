@@ -182,7 +182,7 @@ class DetectorConfig:
     # where the trigger, its target class and the downstream task come from when they are not the
     # victim's own: required for a clean victim (the same trigger stamped on a clean encoder)
     trigger_from: StageRef | None = None
-    downstream_dataset: str = ""       # "" = the trigger source's `downstream_dataset`
+    downstream_dataset: str = ""       # "" = the trigger source's `downstream_dataset` (resolved on construction)
     test_size: int = 1000              # images per detection test set (capped at the split's size)
     poison_rates: tuple[float, ...] = (0.5, 0.01)  # triggered fraction of the test sets (DD: 50 % and 1 %)
     threshold: str = "train_mean"      # rule (`parse_threshold`; DD §4.3: the average training loss)
@@ -209,9 +209,12 @@ class DetectorConfig:
         if "trigger" not in src.spec().hooks:
             fail("trigger_from" if self.trigger_from is not None else "victim", src.trainable,
                  "must register a trigger= hook (a patch or optimised trigger to stamp)")
-        if self.downstream_dataset:
-            require(self.downstream_dataset in data_mod.DATASETS, "downstream_dataset", self.downstream_dataset,
-                    "must be one of " + ", ".join(data_mod.DATASETS))
+        if not self.downstream_dataset:  # resolved here, so sweeps check the dataset that will be loaded
+            object.__setattr__(self, "downstream_dataset", getattr(src.config(), "downstream_dataset", "") or "")
+        if not self.downstream_dataset:
+            fail("downstream_dataset", "", f"must be given: {src.trainable} names no downstream_dataset")
+        require(self.downstream_dataset in data_mod.DATASETS, "downstream_dataset", self.downstream_dataset,
+                "must be one of " + ", ".join(data_mod.DATASETS))
         require(self.test_size >= 4, "test_size", self.test_size, "must be >= 4 images")
         require(len(self.poison_rates) >= 1 and all(0.0 < r < 1.0 for r in self.poison_rates), "poison_rates",
                 self.poison_rates, "must be one or more fractions in (0, 1)")
@@ -278,19 +281,25 @@ def load_victim(cfg: DetectorConfig, ctx) -> Victim:
                   cfg.victim.spec().kind == "encoder_attack", cfg.victim, ctx.device)
 
 
-def pretraining_split(ref: StageRef, ctx, split: str) -> data_mod.ImageSet:
-    """A split of the images the encoder of `ref` was pre-trained on (the defender's in-distribution
-    data): the config's own data fields (an SSL or poisoned pre-training run), else those of the
-    stage it starts from (BadEncoder -> its clean encoder), recursively."""
+def pretraining_config(ref: StageRef) -> Any:
+    """The config that names the data the encoder of `ref` was pre-trained on: its own when it has
+    the data fields (an SSL or poisoned pre-training run), else that of the stage it starts from
+    (BadEncoder -> its clean encoder), recursively."""
     cfg = ref.config()
     needed = ("dataset", "train_size", "image_size", "channels", "val_fraction", "seed")
     if all(hasattr(cfg, k) for k in needed):
-        return load_split(cfg, ctx, split)
+        return cfg
     ups = refs.ref_fields(cfg)
     named = [r for n, r in ups if n == "encoder"] or [r for _, r in ups]
     if not named:
         raise ValueError(f"stage {ref.trainable}: no pre-training data fields and no upstream encoder")
-    return pretraining_split(named[0], ctx, split)
+    return pretraining_config(named[0])
+
+
+def pretraining_split(ref: StageRef, ctx, split: str) -> data_mod.ImageSet:
+    """A split of the images the encoder of `ref` was pre-trained on (the defender's in-distribution
+    data; `pretraining_config`), at that pre-training's input shape."""
+    return load_split(pretraining_config(ref), ctx, split)
 
 
 def downstream_splits(cfg: DetectorConfig, ctx, victim: Victim) -> tuple[data_mod.ImageSet, ...]:
@@ -475,6 +484,7 @@ class Evaluation:
     test: data_mod.ImageSet
     sets: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]]  # (prefix, rate) -> (images, is_poison)
     results: dict[tuple[str, float], DetectionResult] = field(default_factory=dict)
+    scores: dict[tuple[str, float], torch.Tensor] = field(default_factory=dict)  # of the last `detection`
 
     @classmethod
     def build(cls, cfg: DetectorConfig, ctx, victim: Victim) -> "Evaluation":
@@ -499,11 +509,21 @@ class Evaluation:
             s = scorer(x)
             res = evaluate_detection(s, y, resolve_threshold(self.cfg.threshold, scorer.train_scores, s))
             self.results[(prefix, rate)] = res
+            self.scores[(prefix, rate)] = s
             for base, v in ((TPR, res.tpr), (FPR, res.fpr), (AUC, res.auc), (THRESHOLD, res.threshold)):
                 out[rate_metric(base, rate, prefix)] = v
                 if rate == first:
                     out[prefix + base] = v
         return out
+
+    def auc(self, scorer: Scorer | Callable[[torch.Tensor], torch.Tensor], prefix: str = "val_",
+            rate: float | None = None) -> float:
+        """The AUC of one set (default: validation, first rate) alone: no threshold, so it needs no
+        training scores (a cheap per-epoch monitor)."""
+        x, y = self.sets[(prefix, self.cfg.poison_rates[0] if rate is None else rate)]
+        s = scorer(x).detach().float().cpu().flatten()
+        fpr, tpr, _ = roc_curve(s, y)
+        return trapezoid_auc(fpr, tpr)
 
     def protocol(self, scorer: Scorer) -> dict[str, float]:
         c = self.cfg
@@ -531,6 +551,8 @@ class Evaluation:
                     tensors[f"{name}_roc"] = torch.stack([res.roc_fpr, res.roc_tpr]).float()
                 for (prefix, rate), (_, y) in self.sets.items():
                     tensors[f"{prefix or 'test_'}{rate_tag(rate)}_is_poison"] = y.float()
+                    if (prefix, rate) in self.scores:
+                        tensors[f"{prefix or 'test_'}{rate_tag(rate)}_scores"] = self.scores[(prefix, rate)].float()
                 if scorer.train_scores is not None:
                     tensors["train_scores"] = scorer.train_scores.detach().float().cpu().flatten()
                 ctx.save_output("scores", tensors)
@@ -553,5 +575,5 @@ def run_detector(cfg: DetectorConfig, ctx, fit: Callable[..., Scorer | None]) ->
 
 __all__ = ["DetectorConfig", "DetectionResult", "Evaluation", "METRICS", "OBJECTIVES", "Scorer", "Victim",
            "detection_set", "downstream_defense", "evaluate_detection", "load_victim", "parse_threshold",
-           "pretraining_split", "rate_metric", "rate_tag", "resolve_threshold", "roc_curve", "run_detector",
+           "pretraining_config", "pretraining_split", "rate_metric", "rate_tag", "resolve_threshold", "roc_curve", "run_detector",
            "train_head", "trapezoid_auc"]
