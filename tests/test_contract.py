@@ -40,6 +40,10 @@ PER_KIND["analysis"] = {"detector": {"trainable": "defake_image", "task": "detec
 
 # trainables whose data is fixed by what they wrap (a registry model's task)
 PER_NAME = {"zoo": {"dataset": "mnist", "train_size": 600}}
+# the CLIP victims (CLIP-Backdoor, BadCLIP) on that tiny digits CLIP, zero-shot on digits
+_CLIP_VICTIM = {"encoder": PER_KIND["fake_detector"]["clip"], "downstream_dataset": "digits", "eval_size": 100}
+PER_NAME["clip_backdoor"] = dict(_CLIP_VICTIM)
+PER_NAME["badclip"] = {**_CLIP_VICTIM, "patch_steps": 2, "finetune_epochs": 1, "n_target_images": 10}
 # model stealing: a tiny target of the kind each attack steals, digits for every dataset field
 _STEAL = {"epochs": 1, "batch_size": 64, "surrogate_dataset": "digits", "surrogate_size": 300,
           "downstream_dataset": "digits", "probe_train_size": 300, "probe_test_size": 200}
