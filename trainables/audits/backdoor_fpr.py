@@ -7,21 +7,23 @@ audited models. This audit runs all three on one model and reports, per detector
 flag (0/1) and its wall-clock runtime in seconds:
 
 * Neural Cleanse (`secsweep.ops.neural_cleanse`, as the `nc` defense detects): for every class,
-  reverse-engineer the smallest mask-and-pattern trigger on `nc_images` clean validation images for
+  reverse-engineer the smallest mask-and-pattern trigger on `nc_images` clean images for
   `nc_epochs` epochs (SecurityNet: 50; an epoch is ceil(nc_images / nc_batch_size) Adam steps); the
   model is flagged if any class's mask L1 norm is a small-side outlier with anomaly index >
   `nc_threshold` (NC's 2). Reported with the suspect's (smallest norm's) anomaly index.
 * STRIP (`secsweep.ops.input_filtering.strip_scan`): `strip_images` test images (SecurityNet 2,000),
-  each blended with `strip_overlays` (10) clean overlays from one half of the validation split; the
+  each blended with `strip_overlays` (10) clean overlays from one half of the clean data; the
   entropy threshold is the `strip_frr` (1 %) quantile of the other half's entropies; the model is
   flagged when more than `strip_model_rate` (10 %) of the test images fall below it.
 * NEO (`secsweep.ops.input_filtering.neo_scan`): `neo_images` test images, `neo_regions` (200)
   covers of a 4x4 region scaled to the image, dominant colour by k-means with `neo_k` (3) clusters,
-  candidates confirmed on `neo_confirm` validation images at rate > `neo_threshold` (0.8); the model
+  candidates confirmed on `neo_confirm` clean images at rate > `neo_threshold` (0.8); the model
   is flagged if any trigger is confirmed.
 
-The inputs are the target's clean test images (`secsweep.audit.Target.nonmembers`), the clean data
-of the detectors the validation hold-out (`Target.val`), so nothing the model trained on is used.
+Data (nothing the model trained on is used): the target's test split (`secsweep.audit.Target.nonmembers`)
+is divided into two seeded halves; the first is scanned (at most `strip_images` / `neo_images` of
+it), the second joins the validation hold-out (`Target.val`) as the detectors' clean data: NC's
+images, STRIP's overlays and reference (two disjoint halves of it) and NEO's confirmation images.
 Runtimes time each detector alone (data already loaded; on a GPU every detector ends with a CPU
 copy, so the clock includes the device's work). Defaults are SecurityNet's except the CPU-sized
 `nc_epochs` 10 and `neo_images` 200 (measured in docs/methods.md; the sweep's `paper` preset sets
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from secsweep import audit
+from secsweep import data as data_mod
 from secsweep.config import in_open_unit, one_of, positive, require
 from secsweep.names import DEVICE_HOURS
 from secsweep.ops.input_filtering import STRIP_MODES, neo_scan, strip_scan
@@ -64,7 +67,7 @@ METRICS = (*FLAGS.values(), *SECONDS.values(), NC_ANOMALY_INDEX, NC_NUM_FLAGGED,
 @dataclass(frozen=True)
 class Config(audit.AuditConfig):
     nc_epochs: int = 10            # reverse-engineering epochs per class (SecurityNet: 50; CPU-sized)
-    nc_images: int = 256           # clean validation images for reverse engineering (NC: not stated)
+    nc_images: int = 256           # clean images for reverse engineering (NC: not stated)
     nc_batch_size: int = 32        # images per step (NC: 32)
     nc_lr: float = 0.1             # Adam learning rate of mask and pattern (NC: 0.1)
     nc_init_cost: float = 1e-3     # initial weight of the mask L1 term (NC: 1e-3)
@@ -79,7 +82,7 @@ class Config(audit.AuditConfig):
     neo_region: int = 0            # region side in pixels, 0 = 4 on 32x32 scaled (SecurityNet: 4x4)
     neo_k: int = 3                 # k-means clusters of the dominant colour (SecurityNet: 3)
     neo_threshold: float = 0.8     # confirmation rate (SecurityNet: 0.8)
-    neo_confirm: int = 200         # clean validation images a candidate is stamped on (not stated)
+    neo_confirm: int = 200         # clean images a candidate is stamped on (not stated)
     neo_max_candidates: int = 3    # candidates checked per image (not stated)
 
     def __post_init__(self) -> None:
@@ -131,20 +134,23 @@ def _halves(ds, seed: int):
 @register("audit_backdoor_fpr", kind="audit", config=Config, metrics=METRICS)
 def run(cfg: Config, ctx) -> None:
     target = audit.load_target(cfg, ctx)
-    val = target.val
-    require(len(val) >= max(2 * cfg.strip_overlays, 4), "model.val_fraction", getattr(target.config, "val_fraction", 0),
-            f"leaves {len(val)} validation images; the detectors' clean data needs >= {max(2 * cfg.strip_overlays, 4)}")
+    scanned, spare = _halves(target.nonmembers, cfg.seed + 40)
+    clean = data_mod.ImageSet(images=torch.cat([target.val.images, spare.images]),
+                              labels=torch.cat([target.val.labels, spare.labels]),
+                              num_classes=target.val.num_classes, name=target.val.name, source=target.val.source)
+    require(len(clean) >= 2 * cfg.strip_overlays, "strip_overlays", cfg.strip_overlays,
+            f"needs 2 x {cfg.strip_overlays} clean images; the validation split and half the test split hold {len(clean)}")
     out: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    nc = neural_cleanse(target, audit.cap(val, cfg.nc_images, cfg.seed, salt=41).images, cfg)
+    nc = neural_cleanse(target, audit.cap(clean, cfg.nc_images, cfg.seed, salt=41).images, cfg)
     out[SECONDS["nc"]] = time.perf_counter() - t0
     out[FLAGS["nc"]] = 1.0 if nc["flagged"] else 0.0
     out[NC_ANOMALY_INDEX], out[NC_NUM_FLAGGED] = nc["suspect_index"], float(len(nc["flagged"]))
 
     t0 = time.perf_counter()
-    overlays, reference = _halves(val, cfg.seed + 42)
-    strip = strip_scan(target.probabilities, audit.cap(target.nonmembers, cfg.strip_images, cfg.seed, salt=43).images,
+    overlays, reference = _halves(clean, cfg.seed + 42)
+    strip = strip_scan(target.probabilities, audit.cap(scanned, cfg.strip_images, cfg.seed, salt=43).images,
                        overlays.images, reference.images, n_overlays=cfg.strip_overlays, frr=cfg.strip_frr,
                        model_rate=cfg.strip_model_rate, mode=cfg.strip_mode, seed=cfg.seed)
     out[SECONDS["strip"]] = time.perf_counter() - t0
@@ -152,8 +158,8 @@ def run(cfg: Config, ctx) -> None:
     out[STRIP_RATE], out[STRIP_THRESHOLD], out[STRIP_MEAN_ENTROPY] = strip.rate, strip.threshold, strip.mean_entropy
 
     t0 = time.perf_counter()
-    neo = neo_scan(target.probabilities, audit.cap(target.nonmembers, cfg.neo_images, cfg.seed, salt=44).images,
-                   audit.cap(val, cfg.neo_confirm, cfg.seed, salt=45).images, regions=cfg.neo_regions,
+    neo = neo_scan(target.probabilities, audit.cap(scanned, cfg.neo_images, cfg.seed, salt=44).images,
+                   audit.cap(clean, cfg.neo_confirm, cfg.seed, salt=45).images, regions=cfg.neo_regions,
                    region_size=cfg.neo_region, k=cfg.neo_k, threshold=cfg.neo_threshold,
                    max_candidates=cfg.neo_max_candidates, seed=cfg.seed)
     out[SECONDS["neo"]] = time.perf_counter() - t0
