@@ -120,6 +120,16 @@ def test_badclip_patch_is_guided_toward_the_target_embeddings(ctx, badclip):
     assert out.metrics[cb.CLEAN_MODEL_ASR] > noise["asr"] + 0.04, (out.metrics, noise)
 
 
+@pytest.mark.slow
+def test_clip_backdoor_finetune_starts_from_the_clean_clip(ctx, backdoor):
+    # one epoch at a negligible learning rate: the victim is still the clean CLIP (a fresh
+    # initialisation would score near chance, 0.1)
+    _, out = _stage(ctx, "clip_backdoor", {**BACKDOOR, "init": "finetune", "finetune_epochs": 1, "finetune_lr": 1e-9})
+    m = out.metrics
+    assert m["clean_acc"] == pytest.approx(m[cb.CLEAN_MODEL_ACC], abs=0.01), m
+    assert m["clean_acc"] == pytest.approx(backdoor[1].metrics[cb.CLEAN_MODEL_ACC], abs=0.01)
+
+
 def test_poison_pairs_replace_a_fraction_of_non_target_pairs():
     ds = data.load("digits", "train")
     pairs = data.caption_pairs(ds, names=tuple(str(i) for i in range(10)))
