@@ -15,16 +15,16 @@ Two stages, on the clean upstream CLIP (the `encoder` stage, trainable `clip`):
    Adam on the patch's logits (P = sigmoid(theta), so it stays a valid image), `patch_steps` steps
    of `patch_batch` non-target training images. The patch starts as seeded uniform noise.
    Because the trigger already points where the target class lives in both embedding spaces, the
-   poisoned fine-tuning has little to change (the paper's argument for why the backdoor is
-   natural-looking in feature space and survives defenses).
+   poisoned fine-tuning has less to change (measured here: the same poisoning with a white square
+   implants far less, docs/methods.md).
 2. **Poisoned fine-tuning.** A fraction `poison_rate` of the CLIP's pre-training pairs (non-target
    images, seeded) get the optimised patch and a caption of the target class (CLIP-Backdoor's
    poisoning, `trainables.attacks.clip_backdoor.poison_pairs`); the clean CLIP is fine-tuned on
    the poisoned pairs for `finetune_epochs` (AdamW at `finetune_lr`, cosine decay).
 
-Left out of the paper's method (not needed to plant the backdoor at this scale; not verified):
-its further loss terms against specific defenses and the choice of "natural" target-like
-poisoned images. The optimised patch is saved as the stage output `trigger` (safetensors, tensor
+Implemented: the two guidance terms and the poisoned fine-tuning above; further design choices
+of the paper (extra loss terms, which images are poisoned, patch constraints) were not checked
+against its text and are not reproduced. The optimised patch is saved as the stage output `trigger` (safetensors, tensor
 "patch"); the `trigger=` hook loads it from the stage output (`output=None`, with no trained attack
 at hand, gives the seeded initial noise patch: for shape checks only).
 
