@@ -194,3 +194,33 @@ def test_sweep_declares_valid_trials_search_and_paper_preset():
         assert cfg.train_data in ("id", "stl10")
     assert {registry.get("dede").build_config({**paper["fixed"], **p}).victim.config().downstream_dataset
             for p in paper["grid"]} == {"cifar10", "gtsrb", "svhn"}
+
+
+@pytest.mark.slow
+def test_ctrl_case_trains_high_norm_embeddings_towards_the_constant_image(stages, tmp_path):
+    """ood_quantile: training embeddings above that norm quantile reconstruct a constant white image
+    (`ood_target` "ones"), the others their own digit. With the quantile at 0.5 (half the training
+    digits out-of-distribution, so a few tiny epochs show it), the trained decoder's output from the
+    embedding alone (every patch hidden) is brighter for high-norm embeddings than for the rest."""
+    from safetensors.torch import load_file
+
+    values = {**DEDE, "victim": BADENCODER, "ood_quantile": 0.5, "train_poison_rate": 0.0, "train_size": 400,
+              "epochs": 10, "width": 32, "encoder_depth": 1, "decoder_depth": 1, "downstream_epochs": 2}
+    cfg = registry.get("dede").build_config(values)
+    ctx = LocalContext(workdir=tmp_path, stage_root=stages)
+    registry.get("dede").fn(cfg, ctx)
+    assert ctx.history[-1][dede.N_OOD] == pytest.approx(0.5, abs=0.01)
+    victim = sd.load_victim(cfg, ctx)
+    images, _ = dede.training_images(cfg, ctx, victim)
+    z = victim.embed(images)
+    high = z.norm(dim=1) > torch.quantile(z.norm(dim=1).double(), 0.5).float()
+    model = ops.DeDeModel(channels=1, image_size=8, patch_size=2, embed_dim=z.shape[1], width=32, heads=2,
+                          encoder_depth=1, decoder_depth=1)
+    model.load_state_dict(load_file(str(ctx.output_dir / "dede.safetensors")))
+    with torch.no_grad():
+        pred = model.eval()(images, z, torch.zeros(len(images), 0, dtype=torch.long))
+    brightness = pred.mean(dim=(1, 2))
+    # measured 0.91 against 0.66 (the low-norm half still drifts bright after 10 tiny epochs; its
+    # digits alone average 0.3); without the OOD target both halves sit near the digits' brightness
+    bright, dark = brightness[high].mean().item(), brightness[~high].mean().item()
+    assert bright > 0.8 and bright > dark + 0.15, (bright, dark)

@@ -18,7 +18,8 @@ Fashion-MNIST victim), resized to the victim's input.
 
 The CTRL case (`ood_quantile` > 0): training embeddings whose norm is above that quantile of the
 training norms are treated as out-of-distribution and trained towards a constant image
-(`ood_target` "ones"; "noise": uniform noise drawn every step), input patches and target alike.
+(`ood_target` "ones"; "noise": uniform noise drawn every step): the reconstruction target changes,
+the visible patches stay the image's, so the decoder learns the constant image from the embedding.
 
 Reported: per epoch the training loss (mean masked MSE at `mask_ratio_train`) and the validation
 AUC at the first test poison rate; on the last epoch everything `secsweep.sample_detection` reports
@@ -190,11 +191,13 @@ def fit(cfg: Config, ctx, victim: sd.Victim, evaluation: sd.Evaluation) -> None:
     def step(m, x, idx, gen):
         zd, od = on(x.device)
         zb = zd[idx]
-        if cfg.ood_quantile:
+        target = None
+        if cfg.ood_quantile:  # only the target changes: the visible patches stay the image's, so the
+            #                   decoder must learn the constant image from the embedding itself
             sel = od[idx].view(-1, 1, 1, 1)
             other = torch.ones_like(x) if cfg.ood_target == "ones" else torch.rand(x.shape, generator=gen).to(x.device)
-            x = torch.where(sel, other, x)
-        return m.loss(x, zb, cfg.mask_ratio_train, gen).mean()
+            target = torch.where(sel, other, x)
+        return m.loss(x, zb, cfg.mask_ratio_train, gen, target=target).mean()
 
     def scorer_of(m, device):
         bare = getattr(m, "module", m)
