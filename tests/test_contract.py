@@ -66,6 +66,10 @@ PER_NAME["ddpm"] = dict(_TINY_DDPM)
 PER_NAME["poisonedencoder"] = {"epochs": 1, "batch_size": 64, "monitor_size": 200, "train_size": 600,
                                "downstream": "digits", "downstream_size": 300, "n_reference": 20}
 PER_NAME["encodermi"] = {"target": _DIGITS_SIMCLR, "shadow": {**_DIGITS_SIMCLR, "seed": 1}, "n_samples": 40}
+# DRUPE: that tiny BadEncoder plus its distribution term; CTRL: a one-epoch poisoned digits SimCLR
+PER_NAME["drupe"] = {**_BADENCODER, "n_reference": 10}
+PER_NAME["ctrl"] = {"epochs": 1, "batch_size": 64, "monitor_size": 100, "train_size": 300,
+                    "downstream_dataset": "digits", "downstream_size": 300, "poison_rate": 0.05}
 PER_KIND["downstream"] = {"encoder": {"trainable": "badencoder", **_BADENCODER}, "epochs": 1, "train_size": 600,
                           "batch_size": 64}
 # the ownership watermark check: that tiny BadEncoder, a one-epoch Cont-Steal of it, the clean SimCLR
@@ -76,6 +80,8 @@ PER_KIND["sample_detector"] = {"victim": {"trainable": "badencoder", **_BADENCOD
                                "downstream_size": 300, "downstream_epochs": 1, "epochs": 1}
 PER_NAME["dede"] = {"train_size": 200, "patch_size": 2, "width": 32, "heads": 2, "encoder_depth": 1,
                     "decoder_depth": 1}
+PER_NAME["asset"] = {"base_size": 50}
+PER_NAME["decree"] = {"shadow_size": 100}  # of the tiny SimCLR's 270 pre-training digits
 # backdoor detection on a clean model: a one-epoch digits CNN, one NC epoch, tiny STRIP / NEO scans
 PER_NAME["audit_backdoor_fpr"] = {"model": {"trainable": "clean", "dataset": "digits", "epochs": 1},
                                   "nc_epochs": 1, "nc_images": 32, "strip_images": 50, "neo_images": 4,
