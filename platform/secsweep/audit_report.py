@@ -149,15 +149,19 @@ def model_table(frame: pd.DataFrame) -> pd.DataFrame:
             vals.setdefault(f"device_hours_{audit_name}", []).append(float(dh))
         groups.setdefault(key, {}).setdefault("audits", set()).add(audit_name)
         groups[key]["trials"] = groups[key].get("trials", 0) + 1
-    # the model-config values that differ between models name them
-    all_keys = sorted({k for _, c in configs.values() for k in c})
-    varying = [k for k in all_keys if len({json.dumps(c.get(k), default=str) for _, c in configs.values()}) > 1]
+    # the config values that differ between the models of one model trainable name them
+    by_trainable: dict[str, list[dict]] = {}
+    for mtrain, mcfg in configs.values():
+        by_trainable.setdefault(mtrain, []).append(mcfg)
+    varying_of = {t: [k for k in sorted({k for c in cs for k in c})
+                      if len({json.dumps(c.get(k), default=str) for c in cs}) > 1] for t, cs in by_trainable.items()}
+    varying = list(dict.fromkeys(k for t in sorted(varying_of) for k in varying_of[t]))
     rows = []
     for key, (mtrain, mcfg) in configs.items():
         if mtrain == "zoo" and mcfg.get("name"):
             label = str(mcfg["name"])
         else:
-            label = mtrain + "".join(f" {k}={mcfg[k]}" for k in varying if k in mcfg and k not in ("name",))
+            label = mtrain + "".join(f" {k}={mcfg[k]}" for k in varying_of[mtrain] if k in mcfg)
         out: dict[str, Any] = {"model": label, "model_trainable": mtrain, "dataset": str(mcfg.get("dataset", "")),
                                "arch": _arch(mtrain, mcfg)}
         out.update({f"model.{k}": mcfg.get(k) for k in varying if k not in ("dataset", "name")})
