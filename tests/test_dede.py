@@ -82,7 +82,7 @@ def test_sweeping_the_threshold_traces_the_roc_the_auc_came_from(backdoored):
     fpr, tpr = (torch.tensor(v, dtype=torch.float64) for v in zip(*points))
     assert torch.trapezoid(tpr, fpr).item() == pytest.approx(last["auc"], abs=1e-9)
     assert fpr[-1] == 1.0 and tpr[-1] == 1.0 and (fpr.diff() >= 0).all() and (tpr.diff() >= 0).all()
-    flags = s > last["threshold"]
+    flags = s > last["score_threshold"]
     assert flags[y].double().mean().item() == pytest.approx(last["tpr"])
     assert flags[~y].double().mean().item() == pytest.approx(last["fpr"])
     sklearn = pytest.importorskip("sklearn.metrics")

@@ -50,7 +50,8 @@ from .refs import StageRef
 log = logging.getLogger(__name__)
 
 VAL_TPR, VAL_FPR, VAL_AUC = "val_" + TPR, "val_" + FPR, "val_" + AUC
-THRESHOLD, VAL_THRESHOLD = "threshold", "val_threshold"
+# the threshold's value (not named "threshold": that is the config field holding the rule)
+THRESHOLD, VAL_THRESHOLD = "score_threshold", "val_score_threshold"
 # the downstream-defense protocol: fractions of the downstream training set the detector removed
 REMOVED_POISON, REMOVED_CLEAN = "removed_poison", "removed_clean"
 # fraction of clean test images the detector flags at the protocol's threshold (rejected at inference)
