@@ -77,8 +77,9 @@ SWEEP = Sweep(
     # a grid of audits selects nothing; the target's test accuracy stands in for the kind's objective
     objectives={"test_acc": "max"},
     selection=("test_acc", "max"),
-    columns=("trainable", "model.name", "model.train_size", "model.epochs", "train_acc", "test_acc", "overfit_gap",
-             "num_params", "agreement", "steal_acc", "mia_auc_correctness", "mia_auc_mentr", "mia_auc_mlp",
+    # model.config.*: the model stage's resolved config as MLflow params name it (`secsweep report`)
+    columns=("trainable", "model.config.name", "model.config.train_size", "model.config.epochs", "train_acc",
+             "test_acc", "overfit_gap", "num_params", "agreement", "steal_acc", "mia_auc_correctness", "mia_auc_mentr", "mia_auc_mlp",
              "evasion_drop_white_0.03", "evasion_drop_black_0.03", "nc_flag", "strip_flag", "neo_flag",
              "nc_seconds", "strip_seconds", "neo_seconds", "device_hours"),
     presets={"paper": {"fixed": PAPER_FIXED, "grid": audits_of(PAPER_MODELS)}},
