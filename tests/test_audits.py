@@ -105,6 +105,16 @@ def test_bad_audit_values_fail_in_one_line(name, values, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_registry_model_is_named_as_on_the_command_line():
+    # --set model=zoo --set model.name=... --set model.train_size=...
+    cfg = registry.get("audit_mia").build_config({"model": "zoo", "model.name": "digit-recognizer-mnist-cnn",
+                                                   "model.train_size": 500})
+    assert cfg.model == StageRef("zoo", {"name": "digit-recognizer-mnist-cnn", "train_size": 500})
+    assert cfg.model.config().dataset == "mnist"  # the card's dataset
+    with pytest.raises(ConfigError, match="model.name='gan-face-dcgan-generator': is a generator"):
+        registry.get("audit_mia").build_config({"model": "zoo", "model.name": "gan-face-dcgan-generator"})
+
+
 def test_black_box_surrogate_takes_the_audited_models_data():
     cfg = registry.get("audit_evasion").build_config({"model": EASY})
     s = cfg.transfer_surrogate.config()
@@ -195,3 +205,8 @@ def test_audits_run_on_the_registry_mnist_model(run):
     # a model that barely over-fits leaks little (SecurityNet: AUC mostly < 0.6)
     assert 0.3 < mia["mia_auc_mentr"] < 0.7
     assert eva["evasion_drop_white_0.1"] > eva["evasion_drop_black_0.1"]
+    # drops are whole images out of the 300: no float32 residue where nothing changed
+    for mode in ("white", "black"):
+        for e in (0.01, 0.03, 0.1):
+            d = eva[f"evasion_drop_{mode}_{e:g}"] * 300
+            assert abs(d - round(d)) < 1e-9, (mode, e, d)
