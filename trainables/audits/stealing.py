@@ -22,7 +22,8 @@ whose posterior step it reuses). Measured on the default target (MNIST smallcnn,
 0.498 with soft_ce, 0.237 with mse (MSE's gradients through the softmax are small at SGD's lr 0.01).
 
 Surrogate (`surrogate`, a secsweep.models architecture): SecurityNet's is ResNet-18; the
-registered ResNet-18 here is `preact_resnet18`. Measured on this 2-core CPU: one step of 128
+registered ResNet-18 here is `preact_resnet18`. Measured on this 2-core CPU (one thread, shared
+with other jobs: load about 15): one step of 128
 MNIST-sized images takes about 20 s for preact_resnet18 and 0.27 s for smallcnn, so 30 epochs
 of 1,800 images would take about 2.4 h with ResNet-18 and about 2 min with smallcnn. The offline
 default is smallcnn; `--set surrogate=preact_resnet18` gives SecurityNet's on a GPU. Epochs:
