@@ -21,8 +21,8 @@ Choices (each a field; the documents give no DECREE parameters): `shadow_size` c
 the victim's pre-training training split (DECREE's shadow data; the detection sets never use
 them); `epochs`, `lr`, `batch_size`, `lambda_init`, `target_similarity`, `patience` of the search;
 `decree_threshold` 0.1 (DECREE's paper flags an encoder whose inverted trigger covers under a tenth
-of the image — as this package reads it). DECREE addresses patch triggers only (DD: "–" for CTRL
-and BadCLIP); it runs on every victim here and the numbers say what it finds.
+of the image, as recalled here: not checked against the paper). DECREE addresses patch triggers only
+(DD: "–" for CTRL and BadCLIP); it runs on every victim here and the numbers say what it finds.
 """
 
 from __future__ import annotations
