@@ -89,3 +89,17 @@ def test_sweep_keys_and_reseeding_reach_upstream_references():
         _check_keys(["simclr"], ["encoder.epochs"], "--set")  # simclr has no reference field
     trials = [{"trainable": "ft", "attack": "badnets"}]
     assert [t["victim_seed"] for t in with_seeds(trials, 2, reseed_upstream=True)] == [0, 1]
+
+
+def test_trainable_colon_name_sets_the_stage_name_so_zoo_name_brings_a_registry_model():
+    """`model=zoo:NAME` (an audit's or any model reference) is the `zoo` stage of registry model NAME,
+    with its data defaulting to the card's; a name the registry lacks is one line naming the field."""
+    from secsweep.audit import AuditConfig
+
+    cfg = build(AuditConfig, {"model": "zoo:digit-recognizer-mnist-cnn"})
+    assert cfg.model == StageRef("zoo", {"name": "digit-recognizer-mnist-cnn"})
+    assert cfg.model.config().dataset == "mnist"
+    with pytest.raises(ConfigError, match=r"^model\.name='nope': must be a registry model"):
+        build(AuditConfig, {"model": "zoo:nope"})
+    with pytest.raises(ConfigError, match=r"^model='zoo:': must be TRAINABLE or TRAINABLE:NAME"):
+        build(AuditConfig, {"model": "zoo:"})

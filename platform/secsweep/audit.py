@@ -3,7 +3,7 @@ public models").
 
 An audit attacks or inspects one classifier it did not train: a model trained here (the `clean`
 model stage, the default) or a published registry model (the `zoo` model stage, `secsweep.zoo`:
-`--set model=zoo --set model.name=NAME`, or `{"trainable": "zoo", "name": NAME}` in a sweep). Its
+`--set model=zoo:NAME` (or `--set model=zoo --set model.name=NAME`), or `{"trainable": "zoo", "name": NAME}` in a sweep). Its
 config extends `AuditConfig`, whose `model` field is a stage reference of kind "model".
 
 `load_target(cfg, ctx)` gives the audit everything it needs of that model as a `Target`: the module

@@ -83,12 +83,19 @@ class StageRef:
 
 
 def coerce(name: str, value: Any) -> StageRef:
-    """A StageRef from what a sweep or `--set` gives: a StageRef, a trainable name or a mapping
-    with a "trainable" key; the referenced config is validated here, errors named `name.field`."""
+    """A StageRef from what a sweep or `--set` gives: a StageRef, a trainable name, TRAINABLE:NAME
+    (the stage's `name` field: `zoo:NAME` is a registry model) or a mapping with a "trainable" key;
+    the referenced config is validated here, errors named `name.field`."""
     from .config import fail
 
     if isinstance(value, StageRef):
         ref = value
+    elif isinstance(value, str) and ":" in value:
+        # "TRAINABLE:NAME" sets the stage's `name` field: zoo:NAME is a registry model (bring your own model)
+        trainable, _, label = value.partition(":")
+        if not label:
+            fail(name, value, "must be TRAINABLE or TRAINABLE:NAME (e.g. zoo:NAME, a registry model)")
+        ref = StageRef(trainable, {"name": label})
     elif isinstance(value, str):
         ref = StageRef(value)
     elif isinstance(value, Mapping):
