@@ -113,3 +113,24 @@ def test_the_comparison_sweep_plans_three_detectors_on_five_victims():
     smoke = plan(mod.SWEEP, build_parser(mod.SWEEP).parse_args(["--smoke-test"]))
     assert sorted(t["trainable"] for t in smoke.trials) == ["asset", "decree", "dede"]
     assert mod.SWEEP.selection == ("val_auc", "max")
+
+
+def test_decree_score_directions_rank_stamped_images_first_or_last():
+    """near (default): an image carrying the inverted trigger scores highest; far reverses the ranking
+    (AUC 1 - AUC): the reading under which DD-Tab 1's DECREE AUCs fall below chance."""
+    import torch
+
+    from secsweep.ops.mia import roc_auc
+    from secsweep.ops.neural_cleanse import stamp
+
+    g = torch.Generator().manual_seed(0)
+    x = 0.5 * torch.rand(40, 1, 8, 8, generator=g)
+    mask = torch.zeros(1, 8, 8)
+    mask[..., -2:, -2:] = 1.0
+    pattern = torch.ones(1, 8, 8)
+    images = torch.cat([stamp(x[:20], mask, pattern), x[20:]])
+    is_trig = torch.arange(40) < 20
+    near = decree.sample_score(images, mask, pattern)
+    far = decree.sample_score(images, mask, pattern, direction="far")
+    assert roc_auc(near, is_trig) == 1.0 and roc_auc(far, is_trig) == 0.0
+    assert torch.allclose(near, -far)

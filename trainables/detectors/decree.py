@@ -80,6 +80,15 @@ def shadow_images(cfg: Config, ctx) -> torch.Tensor:
     return pool.images[torch.randperm(len(pool), generator=g)[: cfg.shadow_size]]
 
 
+def sample_score(images: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor, norm: int = 1,
+                 direction: str = "near") -> torch.Tensor:
+    """The per-sample score (higher = more suspicious): -region distance ("near") or +distance ("far")."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction={direction!r}: must be one of {', '.join(DIRECTIONS)}")
+    sign = -1.0 if direction == "near" else 1.0
+    return sign * dec.region_distance(images, mask, pattern, norm)
+
+
 @register("decree", kind="sample_detector", config=Config, metrics=METRICS)
 def run(cfg: Config, ctx) -> None:
     def fit(victim: sd.Victim, ev: sd.Evaluation) -> sd.Scorer:
@@ -93,10 +102,9 @@ def run(cfg: Config, ctx) -> None:
                                  target_similarity=cfg.target_similarity, lambda_multiplier=cfg.lambda_multiplier,
                                  patience=cfg.patience, seed=cfg.seed)
         mask, pattern = inv.mask.cpu(), inv.pattern.cpu()
-        sign = -1.0 if cfg.score_direction == "near" else 1.0
 
         def score(images: torch.Tensor) -> torch.Tensor:
-            return sign * dec.region_distance(images, mask, pattern, cfg.score_norm)
+            return sample_score(images, mask, pattern, cfg.score_norm, cfg.score_direction)
 
         with ctx.uncharged():
             ctx.save_output("trigger", {"mask": mask, "pattern": pattern})
