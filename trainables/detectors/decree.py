@@ -28,10 +28,12 @@ of the image, as recalled here: not checked against the paper). DECREE addresses
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
 from secsweep import sample_detection as sd
+from secsweep.backdoor import load_split
 from secsweep.config import fail, one_of, positive, require
 from secsweep.ops import decree as dec
 from secsweep.registry import register
@@ -71,9 +73,16 @@ class Config(sd.DetectorConfig):
         one_of("score_direction", self.score_direction, DIRECTIONS)
 
 
-def shadow_images(cfg: Config, ctx) -> torch.Tensor:
-    """`shadow_size` seeded images of the victim's pre-training training split."""
-    pool = sd.pretraining_split(cfg.victim, ctx, "train")
+def shadow_images(cfg: Config, ctx, shape: tuple[int, int]) -> torch.Tensor:
+    """`shadow_size` seeded images of the victim's pre-training training split, at the victim's input
+    (channels, size) = `shape` (a CLIP's grey pre-training images repeated to its 3 input channels)."""
+    pre = sd.pretraining_config(cfg.victim)
+    c, h = shape
+    view = SimpleNamespace(dataset=pre.dataset, train_size=pre.train_size, image_size=h, channels=c,
+                           val_fraction=pre.val_fraction, seed=pre.seed)
+    if hasattr(pre, "data_seed"):
+        view.data_seed = pre.data_seed
+    pool = load_split(view, ctx, "train")
     if cfg.shadow_size > len(pool):
         fail("shadow_size", cfg.shadow_size, f"must be <= the {len(pool)} pre-training images of the victim")
     g = torch.Generator().manual_seed(cfg.seed + 31)
@@ -92,11 +101,7 @@ def sample_score(images: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor
 @register("decree", kind="sample_detector", config=Config, metrics=METRICS)
 def run(cfg: Config, ctx) -> None:
     def fit(victim: sd.Victim, ev: sd.Evaluation) -> sd.Scorer:
-        shadow = shadow_images(cfg, ctx)
-        c, h = victim.shape
-        if tuple(shadow.shape[1:3]) != (c, h):
-            fail("victim", cfg.victim.trainable, f"its pre-training images are {tuple(shadow.shape[1:])}, "
-                 f"its input contract ({c}, {h}, {h})")
+        shadow = shadow_images(cfg, ctx, victim.shape)
         inv = dec.invert_trigger(victim.encoder, shadow.to(victim.device), epochs=cfg.epochs,
                                  batch_size=cfg.batch_size, lr=cfg.lr, lambda_init=cfg.lambda_init,
                                  target_similarity=cfg.target_similarity, lambda_multiplier=cfg.lambda_multiplier,
