@@ -134,3 +134,17 @@ def test_decree_score_directions_rank_stamped_images_first_or_last():
     far = decree.sample_score(images, mask, pattern, direction="far")
     assert roc_auc(near, is_trig) == 1.0 and roc_auc(far, is_trig) == 0.0
     assert torch.allclose(near, -far)
+
+
+def test_decree_runs_on_a_clip_victim_at_its_three_channel_input(tmp_path):
+    """A CLIP victim's card takes 3-channel images while its pre-training digits are grey: the shadow
+    images are loaded at the victim's input shape (a tiny digits CLIP and a one-epoch CLIP-Backdoor)."""
+    clip = {"trainable": "clip", "dataset": "digits", "epochs": 1, "train_size": 600, "monitor_size": 200,
+            "image_size": 8, "vision_patch": 4}
+    victim = {"trainable": "clip_backdoor", "encoder": clip, "downstream_dataset": "digits", "eval_size": 100}
+    spec = registry.get("decree")
+    ctx = LocalContext(workdir=tmp_path / "w", stage_root=tmp_path / "stages")
+    spec.fn(spec.build_config({"victim": victim, "test_size": 100, "downstream_size": 300, "downstream_epochs": 1,
+                               "shadow_size": 100, "epochs": 2}), ctx)
+    last = ctx.history[-1]
+    assert 0.0 < last[decree.L1_FRACTION] < 1.0 and 0.0 <= last["auc"] <= 1.0, last
