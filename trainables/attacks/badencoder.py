@@ -204,8 +204,38 @@ def _cap(ds: data_mod.ImageSet, n: int) -> data_mod.ImageSet:
     return ds.subset(torch.arange(min(len(ds), n)))
 
 
+def probe(encoder: nn.Module, splits, stamp, target_label: int, *, include_target_class: bool, seed: int,
+          device) -> dict[str, float]:
+    """Classifier-only linear probe on `encoder` features of the downstream (train, val, test)
+    `splits`, then ASR (triggered non-target images classified as `target_label`) and CA/BA, test
+    and `val_` versions (shared by the encoder victims that train with this recipe)."""
+    d_train, d_val, d_test = splits
+    out = {}
+    train_f = features_of(encoder, d_train.images, device)
+    feats = {name: features_of(encoder, ds.images, device) for name, ds in (("val", d_val), ("test", d_test))}
+    res = ssl_ops.linear_probe(train_f, d_train.labels, feats["test"], d_test.labels, val_feats=feats["val"],
+                               val_labels=d_val.labels, num_classes=d_train.num_classes, seed=seed,
+                               epochs=PROBE_EPOCHS, batch_size=PROBE_BATCH)
+    for prefix, ds in (("val_", d_val), ("", d_test)):
+        tx, ty = triggered_test_set(ds.images, ds.labels, stamp, target_label,
+                                    include_target_class=include_target_class)
+        pred = res.head(features_of(encoder, tx, device)).argmax(1)
+        out[prefix + ASR] = (pred == target_label).float().mean().item() if len(ty) else 0.0
+    out[CLEAN_ACC], out[VAL_CLEAN_ACC] = res.test_acc, float(res.val_acc)
+    return out
+
+
 @register("badencoder", kind="encoder_attack", config=Config, metrics=METRICS, trigger=trigger)
 def run(cfg: Config, ctx) -> None:
+    implant(cfg, ctx)
+
+
+def implant(cfg: Config, ctx, *, extra=None) -> None:
+    """BadEncoder's training (the module docstring). `extra` (DRUPE) adds to it: an object with
+    `setup(state)` (before training; `state` has references, clean, stamp, downstream = (train,
+    val, test), device), `loss(zt=, z=, zr=, fx=, fr=, gen=) -> (weighted term, {name: term})` added to
+    every step's loss (the step's f'(x (+) e), f'(x), f'(x_r), f(x), f(x_r) and generator), and
+    `evaluate(backdoored, device) -> dict` (every epoch's monitors)."""
     torch.manual_seed(cfg.seed)
     enc_cfg = cfg.encoder.config()
     clean, card = ctx.load_model(cfg.encoder, role="encoder")
@@ -250,6 +280,9 @@ def run(cfg: Config, ctx) -> None:
         for k, v in zip((EFFECTIVENESS, REFERENCE, UTILITY), loss[1:]):
             parts[k] = parts[k].to(v.device) + v.detach().double() * len(x)
         seen[0] += len(x)
+        if extra is not None:
+            term, named = extra.loss(zt=zt, z=z, zr=zr, fx=fx, fr=fr, gen=gen)
+            return loss.total + term, named
         return loss.total
 
     def similarities(backdoored, device, images, prefix=""):
@@ -260,22 +293,6 @@ def run(cfg: Config, ctx) -> None:
         return {prefix + TRIGGER_SIM: (zt @ zr.T).mean().item(),
                 prefix + CLEAN_SIM: F.cosine_similarity(z, fx, dim=1).mean().item()}
 
-    def probe(backdoored, device):
-        """Classifier-only linear probe on f' features of the downstream task, then ASR and BA."""
-        out = {}
-        train_f = features_of(backdoored, d_train.images, device)
-        feats = {name: features_of(backdoored, ds.images, device) for name, ds in (("val", d_val), ("test", d_test))}
-        res = ssl_ops.linear_probe(train_f, d_train.labels, feats["test"], d_test.labels, val_feats=feats["val"],
-                                   val_labels=d_val.labels, num_classes=d_train.num_classes, seed=cfg.seed,
-                                   epochs=PROBE_EPOCHS, batch_size=PROBE_BATCH)
-        for prefix, ds in (("val_", d_val), ("", d_test)):
-            tx, ty = triggered_test_set(ds.images, ds.labels, stamp, cfg.target_label,
-                                        include_target_class=cfg.include_target_class)
-            pred = res.head(features_of(backdoored, tx, device)).argmax(1)
-            out[prefix + ASR] = (pred == cfg.target_label).float().mean().item() if len(ty) else 0.0
-        out[CLEAN_ACC], out[VAL_CLEAN_ACC] = res.test_acc, float(res.val_acc)
-        return out
-
     def evaluate(m, device):
         bare = getattr(m, "module", m)
         out = {k: (parts[k] / max(seen[0], 1)).item() for k in parts}
@@ -284,16 +301,22 @@ def run(cfg: Config, ctx) -> None:
         seen[0] = 0
         out.update(similarities(bare.backdoored, device, held_val.images, "val_"))
         out.update(similarities(bare.backdoored, device, held_test.images))
+        if extra is not None:
+            out.update(extra.evaluate(bare.backdoored, device))
         log.info("badencoder epoch: L0 %.3f L1 %.3f L2 %.3f trigger_sim %.3f clean_sim %.3f",
                  out[EFFECTIVENESS], out[REFERENCE], out[UTILITY], out[TRIGGER_SIM], out[CLEAN_SIM])
         return out
 
     def final(m, device):
-        out = probe(getattr(m, "module", m).backdoored, device)
+        out = probe(getattr(m, "module", m).backdoored, (d_train, d_val, d_test), stamp, cfg.target_label,
+                    include_target_class=cfg.include_target_class, seed=cfg.seed, device=device)
         log.info("badencoder linear probe on %s: ASR %.3f BA %.3f", cfg.downstream_dataset, out[ASR], out[CLEAN_ACC])
         return out
 
     before = similarities(model.clean, ctx.device, held_test.images)[TRIGGER_SIM]
+    if extra is not None:
+        extra.setup(SimpleNamespace(references=references, clean=model.clean, stamp=stamp,
+                                    downstream=(d_train, d_val, d_test), device=ctx.device))
     bn = [m for m in model.backdoored.modules() if is_batchnorm(m)]
     trained = fit(model, (shadow.images, None), ctx, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
                   step=step, opt=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
