@@ -24,6 +24,7 @@ worker that runs several audits of a model loads its weights and data once (`sec
 `secsweep report audit_zoo` joins the audits per model (docs/methods.md).
 """
 
+from secsweep.presets import PAPER_AUDIT_FIXED, PAPER_AUDIT_RECIPE
 from secsweep.sweep import Sweep, main
 
 AUDITS = ["audit_stealing", "audit_mia", "audit_evasion", "audit_backdoor_fpr"]
@@ -50,7 +51,7 @@ OFFLINE_MODELS = [*ZOO_OFFLINE, *population(RECIPE, ["smallcnn"], TRAIN_SIZES, E
 # SecurityNet's settings (docs/methods.md, "Audits of public models"): benchmark models of CIFAR-10 and
 # SVHN (--download); stealing with a ResNet-18 surrogate, 30 epochs, SGD 0.01 on half the training
 # set; FGSM's black-box surrogate a ResNet-18; NC 50 epochs, STRIP and NEO on 2,000 test images.
-PAPER_RECIPE = {"trainable": "clean", "lr": 0.01, "batch_size": 128, "augment": "auto"}
+PAPER_RECIPE = PAPER_AUDIT_RECIPE
 PAPER_MODELS = [
     {"trainable": "zoo", "name": "cifar10-keras-cnn", "dataset": "cifar10"},
     *population({**PAPER_RECIPE, "dataset": "cifar10", "train_size": 0}, ["preact_resnet18", "smallcnn"],
@@ -58,9 +59,7 @@ PAPER_MODELS = [
     *population({**PAPER_RECIPE, "dataset": "svhn", "train_size": 0}, ["preact_resnet18", "smallcnn"],
                 [5000, 25000, 0], [10, 50, 200]),
 ]
-PAPER_FIXED = {"max_samples": 0, "surrogate": "preact_resnet18", "epochs": 30, "lr": 0.01,
-               "transfer_surrogate.model": "preact_resnet18", "nc_epochs": 50, "strip_images": 2000,
-               "neo_images": 2000}
+PAPER_FIXED = PAPER_AUDIT_FIXED
 
 # < 1 min of trials on 2 CPUs: the packaged CNN and one tiny trained CNN, every audit at toy sizes
 SMOKE_MODELS = [ZOO_OFFLINE[0], {**RECIPE, "train_size": 500, "epochs": 1}]

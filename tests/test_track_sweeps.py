@@ -26,20 +26,28 @@ def _smoke_plan(script: str):
 
 TRACK_SWEEPS = ("ssl_pretrain", "badencoder", "encoder_scenario", "encodermi", "cont_steal", "stealing_defenses",
                 "watermark", "surrogate_adv", "prompt_analysis",
-                "defake_detect", "defake_attribute", "defake_robustness")
+                "defake_detect", "defake_attribute", "defake_robustness", "audit_zoo")
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory):
+    """One Ray storage path for the module's sweeps, so one stage cache (`<storage>/stages`): a stage
+    two smoke sweeps share (the DE-FAKE smoke corpus, a small victim encoder) is computed inside the
+    first sweep's trials and read back by the others, as on a cluster that keeps its storage."""
+    return tmp_path_factory.mktemp("track-storage")
 
 
 @pytest.mark.skipif(not FASHION.is_dir(), reason="needs apt-get install dataset-fashion-mnist")
 @pytest.mark.parametrize("script", TRACK_SWEEPS)
-def test_every_track_sweep_smoke_runs_and_logs_its_declared_metrics(script, tmp_path, sweep_env):
+def test_every_track_sweep_smoke_runs_and_logs_its_declared_metrics(script, tmp_path, sweep_env, storage):
     """The encoder, stealing and fake-image sweeps' --smoke-test runs every planned trial through Tune
-    (their upstream stages computed inside the trials) and each child run in MLflow carries the
-    metrics its trainable declares."""
+    (their upstream stages computed inside the trials, or read from the shared stage cache) and each
+    child run in MLflow carries the metrics its trainable declares."""
     from secsweep import registry
 
     plan_ = _smoke_plan(script)
     trials = [dict(t) for t in plan_.trials for _ in range(plan_.num_samples)]
-    proc = run_script(ROOT / f"sweeps/{script}.py", ["--smoke-test", "--storage-path", str(tmp_path / "rr"),
+    proc = run_script(ROOT / f"sweeps/{script}.py", ["--smoke-test", "--storage-path", str(storage),
                       "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--results-csv", str(tmp_path / "r.csv")],
                       sweep_env, tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

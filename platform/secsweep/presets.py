@@ -177,3 +177,13 @@ def paper_defake_grid(**dims: Any) -> list[dict[str, Any]]:
                  {"trainable": "defake_hybrid", "clip": dict(PAPER_DEFAKE_CLIP)}]
     return [{**d, **dict(zip(keys, values))} for d in detectors
             for values in itertools.product(*(dims[k] for k in keys))]
+
+
+# SecurityNet's audits (sweeps/audit_zoo.py; docs/methods.md "Audits of public models"): benchmark
+# models trained on CIFAR-10 / SVHN with a plain SGD recipe; stealing with a ResNet-18 surrogate,
+# 30 epochs, SGD 0.01; FGSM's black-box surrogate a ResNet-18; Neural Cleanse 50 epochs; STRIP and
+# NEO on 2,000 test images; every sample of the model's splits (max_samples 0).
+PAPER_AUDIT_RECIPE: dict[str, Any] = {"trainable": "clean", "lr": 0.01, "batch_size": 128, "augment": "auto"}
+PAPER_AUDIT_FIXED: dict[str, Any] = {"max_samples": 0, "surrogate": "preact_resnet18", "epochs": 30, "lr": 0.01,
+                                     "transfer_surrogate.model": "preact_resnet18", "nc_epochs": 50,
+                                     "strip_images": 2000, "neo_images": 2000}
