@@ -26,7 +26,8 @@ def _smoke_plan(script: str):
 
 TRACK_SWEEPS = ("ssl_pretrain", "badencoder", "encoder_scenario", "encodermi", "cont_steal", "stealing_defenses",
                 "watermark", "surrogate_adv", "prompt_analysis",
-                "defake_detect", "defake_attribute", "defake_robustness", "audit_zoo")
+                "defake_detect", "defake_attribute", "defake_robustness", "audit_zoo", "dede",
+                "detector_comparison")
 
 
 @pytest.fixture(scope="module")
