@@ -12,6 +12,7 @@ one trial per (detector, victim), in the layout of DD-Tab 1-3:
 
     python sweeps/detector_comparison.py                 # offline defaults of every victim and detector, 15 trials
     python sweeps/detector_comparison.py --smoke-test    # < 1 min: the three detectors on a tiny digits BadEncoder
+    python sweeps/detector_comparison.py --preset digits  # ~20 min on 2 CPUs: every victim at its tests' scale
     python sweeps/detector_comparison.py --preset paper --download --gpus-per-trial 0.5   # CIFAR-10, ViT-B/16 CLIPs
 
 Every victim is a cached stage, trained once for its three detectors. ASSET runs 30 epochs on CTRL
@@ -83,6 +84,32 @@ SMOKE_DEDE = {k: v for k, v in DEDE.SWEEP.smoke["fixed"].items() if k not in ("v
 SMOKE_DETECTORS = {"dede": SMOKE_DEDE, "asset": {"base_size": 50, "epochs": 3},
                    "decree": {"shadow_size": 100, "epochs": 3}}
 
+# --preset digits (~20 min on 2 CPUs): every victim at the scale of its tests (the SSL victims on
+# sklearn digits: SimCLR 3 epochs, BadEncoder / DRUPE 5 epochs, CTRL 9 % of the digits poisoned; the
+# CLIP victims on 2,222 Fashion-MNIST image-caption pairs, CLIP-Backdoor at 5 %, BadCLIP at 1 %), DeDe
+# with tests/test_dede.py's decoder (4-pixel patches on the CLIPs' 32-pixel inputs), ASSET at its
+# defaults, DECREE on 200 shadow images for 15 epochs: the small-scale table of the README
+_DIGITS_SIMCLR = {"trainable": "simclr", "dataset": "digits", "train_size": 0, "epochs": 3, "batch_size": 64,
+                  "monitor_size": 300}
+_DIGITS_ENCODER_ATTACK = {"encoder": _DIGITS_SIMCLR, "downstream_dataset": "digits", "shadow_size": 0, "epochs": 5,
+                          "monitor_size": 200}
+_SMALL_CLIP = {"trainable": "clip", "train_size": 2222, "epochs": 3, "batch_size": 32, "monitor_size": 500}
+DIGITS_VICTIMS = {
+    "badencoder": {"trainable": "badencoder", **_DIGITS_ENCODER_ATTACK},
+    "drupe": {"trainable": "drupe", **_DIGITS_ENCODER_ATTACK, "n_reference": 50},
+    "ctrl": {**_DIGITS_SIMCLR, "trainable": "ctrl", "downstream_dataset": "digits", "poison_rate": 0.09},
+    "clip_backdoor": {"trainable": "clip_backdoor", "encoder": _SMALL_CLIP, "poison_rate": 0.05, "eval_size": 500},
+    "badclip": {"trainable": "badclip", "encoder": _SMALL_CLIP, "poison_rate": 0.01, "trigger_size": 8,
+                "finetune_epochs": 2, "finetune_lr": 5e-4, "patch_steps": 100, "eval_size": 500},
+}
+DIGITS_DETECTORS = {
+    "dede": {"patch_size": 2, "width": 64, "heads": 2, "encoder_depth": 2, "decoder_depth": 2, "epochs": 16,
+             "batch_size": 32, "lr": 1e-3, "schedule": "cosine", "train_size": 2000, "train_poison_rate": 0.1},
+    "asset": {},
+    "decree": {"shadow_size": 200, "epochs": 15},
+}
+SETTINGS.update({("dede", "clip_backdoor"): {"patch_size": 4}, ("dede", "badclip"): {"patch_size": 4}})
+
 SWEEP = Sweep(
     name="detector_comparison",
     description=__doc__,
@@ -95,6 +122,8 @@ SWEEP = Sweep(
     presets={
         "paper": {"fixed": {"test_size": 10000, "downstream_epochs": 100},
                   "grid": comparison(PAPER_VICTIMS, PAPER_DETECTORS)},
+        "digits": {"fixed": {"test_size": 200, "downstream_epochs": 5, "downstream_size": 600},
+                   "grid": comparison(DIGITS_VICTIMS, DIGITS_DETECTORS)},
     },
     smoke={"fixed": {"test_size": 200, "downstream_epochs": 3, "downstream_size": 500},
            "grid": comparison({"badencoder": DEDE.SMOKE_VICTIM}, SMOKE_DETECTORS)},
