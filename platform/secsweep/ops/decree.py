@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .neural_cleanse import stamp
+from .neural_cleanse import frozen, init_trigger, stamp
 
 __all__ = ["Inversion", "collapse_similarity", "l1_fraction", "invert_trigger", "region_distance"]
 
@@ -139,20 +139,10 @@ def invert_trigger(
     n, c, h, w = images.shape
     device = images.device
     images = images.detach()
-    gen = torch.Generator().manual_seed(seed)
-    mask_raw = torch.atanh(2.0 * (0.01 + 0.98 * torch.rand((1, h, w), generator=gen)) - 1.0).to(device)
-    pattern_raw = torch.atanh(2.0 * (0.01 + 0.98 * torch.rand((c, h, w), generator=gen)) - 1.0).to(device)
-    mask_raw.requires_grad_(True)
-    pattern_raw.requires_grad_(True)
-    opt = torch.optim.Adam([mask_raw, pattern_raw], lr=lr, betas=(0.5, 0.9))
+    mask_raw, pattern_raw, opt, gen = init_trigger(c, h, w, seed=seed, lr=lr, device=device)
     up_step, down_step = lambda_multiplier, lambda_multiplier**1.5
 
-    was_training = encoder.training
-    grad_flags = [p.requires_grad for p in encoder.parameters()]
-    encoder.eval()
-    for p in encoder.parameters():
-        p.requires_grad_(False)
-    try:
+    with frozen(encoder):
         lam = lambda_init
         up = down = 0
         best: tuple[float, torch.Tensor, torch.Tensor] | None = None  # (l1 fraction, mask, pattern)
@@ -194,10 +184,6 @@ def invert_trigger(
             best = (l1_fraction(m), m, p)
         frac, mask_out, pattern_out = best
         similarity = _stamped_similarity(encoder, images, mask_out, pattern_out, max(batch_size, 2))
-    finally:
-        for p, flag in zip(encoder.parameters(), grad_flags):
-            p.requires_grad_(flag)
-        encoder.train(was_training)
     return Inversion(mask_out.detach(), pattern_out.detach(), similarity, frac, reached, history)
 
 

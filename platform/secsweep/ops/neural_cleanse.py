@@ -13,8 +13,9 @@ on the images' device), no I/O.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,36 @@ def _success_rate(
         logits = model(stamp(images[start : start + batch_size], mask, pattern))
         hits += int((logits.argmax(dim=1) == target).sum())
     return hits / images.shape[0]
+
+
+def init_trigger(channels: int, height: int, width: int, *, seed: int, lr: float, device: torch.device | str):
+    """A trigger's raw mask (1, H, W) and pattern (C, H, W), tanh-parametrised (`_to_unit` maps them
+    into (0, 1)) and drawn uniformly in (0.01, 0.99) by `seed`, with their Adam optimiser (betas 0.5,
+    0.9: Neural Cleanse's public setting), and the generator, which the caller goes on drawing from
+    (batch orders). Shared by Neural Cleanse and DECREE's inversion."""
+    gen = torch.Generator().manual_seed(seed)
+    mask_raw = torch.atanh(2.0 * (0.01 + 0.98 * torch.rand((1, height, width), generator=gen)) - 1.0).to(device)
+    pattern_raw = torch.atanh(2.0 * (0.01 + 0.98 * torch.rand((channels, height, width), generator=gen)) - 1.0).to(device)
+    mask_raw.requires_grad_(True)
+    pattern_raw.requires_grad_(True)
+    return mask_raw, pattern_raw, torch.optim.Adam([mask_raw, pattern_raw], lr=lr, betas=(0.5, 0.9)), gen
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode with no parameter gradients while a trigger is optimised through it;
+    every parameter's requires_grad and the model's training flag are restored on exit."""
+    was_training = model.training
+    grad_flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), grad_flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
 
 
 def reverse_engineer_trigger(
@@ -153,20 +184,10 @@ def reverse_engineer_trigger(
     n, c, h, w = images.shape
     device = images.device
     images = images.detach()
-    gen = torch.Generator().manual_seed(seed)
-    mask_raw = torch.atanh(2.0 * (0.01 + 0.98 * torch.rand((1, h, w), generator=gen)) - 1.0).to(device)
-    pattern_raw = torch.atanh(2.0 * (0.01 + 0.98 * torch.rand((c, h, w), generator=gen)) - 1.0).to(device)
-    mask_raw.requires_grad_(True)
-    pattern_raw.requires_grad_(True)
-    opt = torch.optim.Adam([mask_raw, pattern_raw], lr=lr, betas=(0.5, 0.9))
+    mask_raw, pattern_raw, opt, gen = init_trigger(c, h, w, seed=seed, lr=lr, device=device)
     cost_up, cost_down = cost_multiplier, cost_multiplier**1.5
 
-    was_training = model.training
-    grad_flags = [p.requires_grad for p in model.parameters()]
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with frozen(model):
         with torch.no_grad():
             n_classes = model(images[:1]).shape[1]
         if target >= n_classes:
@@ -215,10 +236,6 @@ def reverse_engineer_trigger(
                 best = (_to_unit(mask_raw).clone(), _to_unit(pattern_raw).clone())
         mask_out, pattern_out = best
         asr = _success_rate(model, images, mask_out, pattern_out, target, batch_size)
-    finally:
-        for p, flag in zip(model.parameters(), grad_flags):
-            p.requires_grad_(flag)
-        model.train(was_training)
     return mask_out.detach(), pattern_out.detach(), float(mask_out.sum()), asr
 
 
