@@ -47,12 +47,10 @@ shows is in docs/methods.md, "CTRL".
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from functools import partial
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 
@@ -62,7 +60,6 @@ from secsweep.backdoor import input_shape, load_split
 from secsweep.config import fail, in_open_unit, one_of, positive, require
 from secsweep.names import ASR, CLEAN_ACC, DEVICE_HOURS, VAL_ASR, VAL_CLEAN_ACC
 from secsweep.ops import ctrl as ctrl_ops
-from secsweep.refs import StageRef
 from secsweep.registry import register
 from trainables.attacks import badencoder as be
 from trainables.encoders import simclr
@@ -76,11 +73,10 @@ TRIGGER_MAX_CHANGE, TRIGGER_PSNR = "trigger_max_change", "trigger_psnr"
 METRICS = (ASR, VAL_ASR, CLEAN_ACC, VAL_CLEAN_ACC, CLEAN_ENCODER_ASR, VAL_CLEAN_ENCODER_ASR, CLEAN_ENCODER_ACC,
            N_POISONED, POISON_FRACTION, TRIGGER_MAX_CHANGE, TRIGGER_PSNR,
            *(m for m in ssl.METRICS if m != DEVICE_HOURS), DEVICE_HOURS)
-SIMCLR_FIELDS = tuple(f.name for f in dataclasses.fields(simclr.Config))
 
 
 @dataclass(frozen=True)
-class Config(simclr.Config):
+class Config(simclr.PoisonedConfig):
     downstream_dataset: str = "fashion_mnist"  # the downstream task (CTRL: the pre-training dataset)
     target_label: int = 0          # the poisoned class of the pre-training data and the downstream target
     poison_rate: float = 0.01      # poisoned images / whole pre-training set, all of class target_label
@@ -112,13 +108,6 @@ class Config(simclr.Config):
                 "must be distinct letters of 'yuv' (e.g. uv, y)")
         require(self.downstream_size >= 0, "downstream_size", self.downstream_size, "must be >= 0 (0 = all)")
 
-    def clean_encoder(self) -> StageRef:
-        """The clean baseline: SimCLR with this recipe (every SimCLR field) on the clean data."""
-        return StageRef("simclr", {f: getattr(self, f) for f in SIMCLR_FIELDS})
-
-    def upstream_stages(self) -> list[tuple[str, Any]]:
-        ref = self.clean_encoder()
-        return [(ref.trainable, ref.config())]
 
 
 def trigger(cfg: Config, output=None):

@@ -62,10 +62,8 @@ the utility rather than an ASR.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +74,6 @@ from secsweep.backdoor import input_shape, load_split
 from secsweep.config import in_open_unit, one_of, positive, require
 from secsweep.names import ASR, CLEAN_ACC, DEVICE_HOURS
 from secsweep.ops import ssl as ssl_ops
-from secsweep.refs import StageRef
 from secsweep.registry import register
 from trainables.encoders import simclr
 
@@ -88,11 +85,10 @@ N_POISONED, POISON_FRACTION = "n_poisoned", "poison_fraction"
 METRICS = (ASR, CLEAN_ASR, TARGET_PROB, CLEAN_TARGET_PROB, TARGET_SIM, CLEAN_TARGET_SIM, POISONED_ACC,
            VAL_POISONED_ACC, CLEAN_ACC, VAL_CLEAN_ACC, N_POISONED, POISON_FRACTION,
            *(m for m in ssl.METRICS if m != DEVICE_HOURS), DEVICE_HOURS)
-SIMCLR_FIELDS = tuple(f.name for f in dataclasses.fields(simclr.Config))
 
 
 @dataclass(frozen=True)
-class Config(simclr.Config):
+class Config(simclr.PoisonedConfig):
     downstream: str = "mnist"      # downstream data: target input, reference inputs, linear probe
     downstream_size: int = 2000    # downstream training images of the probe, 0 = all (platform choice)
     target_class: int = 0          # the class the target input should land in (slides: an attacker's choice)
@@ -113,13 +109,6 @@ class Config(simclr.Config):
         one_of("layout", self.layout, LAYOUTS)
         require(self.trial >= 0, "trial", self.trial, "must be >= 0")
 
-    def clean_encoder(self) -> StageRef:
-        """The clean encoder: SimCLR with this recipe (every SimCLR field) on the clean data."""
-        return StageRef("simclr", {f: getattr(self, f) for f in SIMCLR_FIELDS})
-
-    def upstream_stages(self) -> list[tuple[str, Any]]:
-        ref = self.clean_encoder()
-        return [(ref.trainable, ref.config())]
 
 
 # -- the poisoned data -----------------------------------------------------------------------------

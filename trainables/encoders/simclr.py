@@ -14,7 +14,8 @@ state tau), projection 2-layer MLP with BatchNorm, output 128 (SimCLR). Everythi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from torch import nn
 
@@ -30,6 +31,21 @@ class Config(ssl.SSLConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         positive("temperature", self.temperature)
+
+
+@dataclass(frozen=True)
+class PoisonedConfig(Config):
+    """A SimCLR recipe pre-trained on poisoned data (PoisonedEncoder, CTRL): its baseline is the clean
+    twin, SimCLR with every field of this recipe on the clean data, a declared upstream stage."""
+
+    def clean_encoder(self):
+        from secsweep.refs import StageRef
+
+        return StageRef("simclr", {f.name: getattr(self, f.name) for f in fields(Config)})
+
+    def upstream_stages(self) -> list[tuple[str, Any]]:
+        ref = self.clean_encoder()
+        return [(ref.trainable, ref.config())]
 
 
 class SimCLR(nn.Module):
