@@ -40,22 +40,30 @@ def pytest_configure(config):
 
 
 # The suite runs on two pytest-xdist workers (pyproject: -n 2 --dist loadfile): each test file runs on
-# one worker, so its module-scoped fixtures (trained models, shared stages) are built once. The tests
-# that start Ray clusters (or the fake multi-node autoscaler) take a machine-wide lock, so two of
-# them never run at once; the other worker meanwhile runs the single-threaded training tests.
+# one worker, so its module-scoped fixtures (trained models, shared stages) are built once. Tests
+# that start local Ray clusters may run on both workers at once: each `ray.init()` without an
+# address starts its own cluster (only `ray start` publishes one that a later `ray.init()` would
+# join). The fake multi-node autoscaler test times its nodes' idle shutdown and checks every socket,
+# so it takes the machine-wide lock exclusively and no other Ray test runs beside it.
 RAY_FILES = {"test_sweeps.py", "test_track_sweeps.py", "test_tracking_outage.py", "test_cluster_sim.py"}
+RAY_EXCLUSIVE = {"test_cluster_sim.py"}
 RAY_LOCK = Path(os.environ.get("TMPDIR", "/tmp")) / "secsweep-tests-ray.lock"
 
 
 @pytest.fixture(autouse=True)
 def _one_ray_cluster_at_a_time(request):
-    if request.node.path.name not in RAY_FILES:
+    name = request.node.path.name
+    if name not in RAY_FILES:
         yield
         return
-    from filelock import FileLock
+    import fcntl
 
-    with FileLock(str(RAY_LOCK)):
-        yield
+    with open(RAY_LOCK, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX if name in RAY_EXCLUSIVE else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # In CI (CI=true, as .ci/run is run) a skipped test is a hole: only tests that need a CUDA device,
