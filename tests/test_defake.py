@@ -165,7 +165,7 @@ def test_the_three_sweeps_plan_their_dimensions_and_the_paper_detectors(script, 
         assert p.fixed["task"] == task
     else:
         assert p.fixed["robustness"] is True
-    assert len(_sweep_plans(script, "--smoke-test").trials) == 2
+    assert len(_sweep_plans(script, "--smoke-test").trials) == 1  # the suite smoke-runs all three: one trial each
     paper = _sweep_plans(script, "--preset", "paper")
     assert {t.get("model") for t in paper.trials if t["trainable"] == "defake_image"} == {"preact_resnet18"}
     assert {t["clip"]["pretrained"] for t in paper.trials if t["trainable"] == "defake_hybrid"} == {"ViT-B-32:openai"}
