@@ -251,8 +251,8 @@ def version() -> int:
 # ==================================================================================================
 
 def _optional(module: str) -> Any:
-    """Import an optional online-only library (the `zoo-online` extra: timm, huggingface_hub); the
-    offline registry and the rest of secsweep never need them."""
+    """Import a library only the online cards need (timm, a dependency; huggingface_hub, the
+    `zoo-online` extra); the offline registry never imports them."""
     return importlib.import_module(module)
 
 
@@ -706,7 +706,7 @@ def _timm(model: str, num_classes: int = 1000) -> nn.Module:
     try:
         timm = _optional("timm")
     except ImportError:
-        raise ZooError(f"architecture timm:{model} needs timm (pip install 'secsweep[zoo-online]')") from None
+        raise ZooError(f"architecture timm:{model} needs timm (a secsweep dependency: pip install timm)") from None
     return timm.create_model(model, pretrained=False, num_classes=num_classes)
 
 
