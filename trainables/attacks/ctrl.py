@@ -144,7 +144,6 @@ def downstream_splits(cfg: Config, ctx, shape: tuple[int, int]) -> tuple[data_mo
 
 @register("ctrl", kind="encoder_attack", config=Config, metrics=METRICS, trigger=trigger)
 def run(cfg: Config, ctx) -> None:
-    from lightly.loss import NTXentLoss
 
     torch.manual_seed(cfg.seed)
     stamp = trigger(cfg)
@@ -169,11 +168,7 @@ def run(cfg: Config, ctx) -> None:
              int(stats[N_POISONED]), cfg.target_label, stats[TRIGGER_MAX_CHANGE], stats[TRIGGER_PSNR], base[ASR])
 
     backbone, args = ssl.backbone(cfg, train.shape)
-    criterion = NTXentLoss(temperature=cfg.temperature)
-
-    def step(model, x, y, gen):
-        v1, v2 = cfg.views(x, gen)
-        return criterion(model(v1), model(v2))
+    step = simclr.ntxent_step(cfg)
 
     def final(encoder, device):
         out = probe(encoder, device)

@@ -205,7 +205,6 @@ def _target(cfg: Config, stage_output) -> tuple[torch.Tensor, int]:
 
 @register("poisonedencoder", kind="encoder_attack", config=Config, metrics=METRICS, target=_target)
 def run(cfg: Config, ctx) -> None:
-    from lightly.loss import NTXentLoss
 
     torch.manual_seed(cfg.seed)
     task = downstream(cfg, ctx)
@@ -219,11 +218,7 @@ def run(cfg: Config, ctx) -> None:
                                "source_class": torch.tensor(task.source_class)})
 
     backbone, args = ssl.backbone(cfg, train.shape)
-    criterion = NTXentLoss(temperature=cfg.temperature)
-
-    def step(model, x, y, gen):
-        v1, v2 = cfg.views(x, gen)
-        return criterion(model(v1), model(v2))
+    step = simclr.ntxent_step(cfg)
 
     def final(encoder, device):
         p = evaluate(encoder, task, cfg, device)

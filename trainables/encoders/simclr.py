@@ -60,16 +60,22 @@ class SimCLR(nn.Module):
         return self.projection(self.backbone(x))
 
 
-@register("simclr", kind="encoder", config=Config, metrics=ssl.METRICS)
-def run(cfg: Config, ctx) -> None:
+def ntxent_step(cfg: Config):
+    """SimCLR's training step: NT-Xent (lightly's, temperature `cfg.temperature`) between the
+    projections of two augmented views of each image. Shared by the poisoned pre-training attacks."""
     from lightly.loss import NTXentLoss
 
-    shape = ssl.load_splits(cfg, ctx).train.shape
-    backbone, args = ssl.backbone(cfg, shape)
     criterion = NTXentLoss(temperature=cfg.temperature)
 
     def step(model, x, y, gen):
         v1, v2 = cfg.views(x, gen)
         return criterion(model(v1), model(v2))
 
-    ssl.pretrain(cfg, ctx, SimCLR(backbone, cfg), step, arch_args=args)
+    return step
+
+
+@register("simclr", kind="encoder", config=Config, metrics=ssl.METRICS)
+def run(cfg: Config, ctx) -> None:
+    shape = ssl.load_splits(cfg, ctx).train.shape
+    backbone, args = ssl.backbone(cfg, shape)
+    ssl.pretrain(cfg, ctx, SimCLR(backbone, cfg), ntxent_step(cfg), arch_args=args)
