@@ -4,7 +4,8 @@ unseen-generator threshold swept inside every trial that holds one out.
 
     python sweeps/defake_attribute.py --smoke-test   # tiny digits corpus, 1 trial
     python sweeps/defake_attribute.py                # offline default: Fashion-MNIST, DDPM / cGAN / cVAE fakes
-    python sweeps/defake_attribute.py --preset paper --download --address auto --gpus-per-trial 0.5
+    python sweeps/defake_attribute.py --preset paper --download --set corpus.captions=/path/to/coco \
+        --address auto --gpus-per-trial 0.5
 
 Threshold: an attribution trial with a held-out generator evaluates the rule "max softmax < t ->
 unseen" at t = 0, 0.1, ..., 1.0 on validation and test (open_acc_t000 ... open_acc_t100, every
@@ -16,7 +17,7 @@ preset as in sweeps/defake_detect.py.
 
 from secsweep.presets import paper_defake_fixed, paper_defake_grid
 from secsweep.sweep import Sweep, grid, main
-from trainables.defake import DETECTORS, HELD_OUT, SMOKE_CORPUS, SMOKE_HYBRID_CLIP
+from trainables.defake import DETECTORS, HELD_OUT, SMOKE_CORPUS, SMOKE_HYBRID_CLIP, t2i
 
 SWEEP = Sweep(
     name="defake_attribute",
@@ -27,7 +28,7 @@ SWEEP = Sweep(
     selection=("val_acc", "max"),
     columns=("trainable", "held_out", "acc", "open_acc", "threshold", "device_hours"),
     presets={"paper": {"fixed": {**paper_defake_fixed(), "task": "attribute"},
-                       "grid": paper_defake_grid(held_out=HELD_OUT)}},
+                       "grid": paper_defake_grid(held_out=list(t2i.HELD_OUT))}},
     smoke={
         "fixed": {"corpus": SMOKE_CORPUS, "epochs": 2, "task": "attribute"},
         "grid": [{"trainable": "defake_hybrid", "held_out": "cgan", "clip": SMOKE_HYBRID_CLIP}],

@@ -3,7 +3,8 @@ detector x which generators it trains on x how many training images.
 
     python sweeps/defake_detect.py --smoke-test      # tiny digits corpus, 1 trial
     python sweeps/defake_detect.py                   # offline default: Fashion-MNIST, DDPM / cGAN / cVAE fakes
-    python sweeps/defake_detect.py --preset paper --download --address auto --gpus-per-trial 0.5
+    python sweeps/defake_detect.py --preset paper --download --set corpus.captions=/path/to/coco \
+        --address auto --gpus-per-trial 0.5
 
 The corpus (real Fashion-MNIST test images + fakes of a class-conditional DDPM, a conditional GAN
 and a conditional VAE trained here, every image with its class-name prompt) is one cached stage
@@ -14,18 +15,19 @@ generators and `unseen_detect_acc` says how well it flags the one it never saw) 
 in {0.1, 0.25, 0.5, 1.0} of each source's training images (the training-set-size curve).
 
 Paper preset: the thesis's detectors — ResNet-18 from scratch (preact_resnet18), open_clip's
-pretrained ViT-B/32 (`clip.pretrained=ViT-B-32:openai`, online) with a 1024 -> 512 -> 256 MLP — on
-the largest offline corpus (5,000 per source). The thesis's corpus itself (Stable Diffusion, Latent
-Diffusion, GLIDE, DALL-E 2 fakes of MSCOCO / Flickr30k captions, 40,000 pairs half real) is NOT
-built here: it needs diffusers' text-to-image pipelines (`diffusers.StableDiffusionPipeline`,
-~4 GB of weights from the Hugging Face Hub) and the caption files, which the user downloads
-(MSCOCO captions_train2014.json); a corpus stage over them is future work (docs/methods.md
-"DE-FAKE"). `--download` fetches the CLIP weights only.
+pretrained ViT-B/32 (`clip.pretrained=ViT-B-32:openai`) with a 1024 -> 512 -> 256 MLP — on the
+thesis's kind of corpus (`defake_t2i_corpus`, trainables/defake/t2i.py): 20,000 real MSCOCO images
+the user downloads (images + annotations/captions_*.json; `corpus.captions` points at the folder)
+and the fakes Stable Diffusion v1-4 and Latent Diffusion (CompVis/ldm-text2im-large-256, diffusers
+pipelines, safetensors weights only) make from their captions, 256 px; held_out in {none,
+stable-diffusion-v1-4, ldm-text2im-large-256}. `--download` fetches the pipelines and the CLIP
+from the Hugging Face Hub (several GB); without it they must be in the local Hub cache. How to
+get the captions: docs/methods.md "DE-FAKE", "Text-to-image corpus".
 """
 
 from secsweep.presets import paper_defake_grid, paper_defake_fixed
 from secsweep.sweep import Sweep, grid, main
-from trainables.defake import DETECTORS, HELD_OUT, SMOKE_CORPUS, SMOKE_HYBRID_CLIP
+from trainables.defake import DETECTORS, HELD_OUT, SMOKE_CORPUS, SMOKE_HYBRID_CLIP, t2i
 
 TRAIN_FRACTIONS = [0.1, 0.25, 0.5, 1.0]
 
@@ -38,7 +40,7 @@ SWEEP = Sweep(
     selection=("val_acc", "max"),
     columns=("trainable", "held_out", "train_fraction", "acc", "unseen_detect_acc", "device_hours"),
     presets={"paper": {"fixed": {**paper_defake_fixed(), "task": "detect"},
-                       "grid": paper_defake_grid(held_out=HELD_OUT, train_fraction=[1.0])}},
+                       "grid": paper_defake_grid(held_out=list(t2i.HELD_OUT), train_fraction=[1.0])}},
     smoke={
         "fixed": {"corpus": SMOKE_CORPUS, "epochs": 2, "task": "detect"},
         "grid": [{"trainable": "defake_image", "held_out": "vae", "train_fraction": 0.5}],

@@ -5,7 +5,8 @@ attribute.
 
     python sweeps/defake_robustness.py --smoke-test  # tiny digits corpus, 1 trial
     python sweeps/defake_robustness.py               # offline default: Fashion-MNIST, DDPM / cGAN / cVAE fakes
-    python sweeps/defake_robustness.py --preset paper --download --address auto --gpus-per-trial 0.5
+    python sweeps/defake_robustness.py --preset paper --download --set corpus.captions=/path/to/coco \
+        --address auto --gpus-per-trial 0.5
 
 Every trial trains its model and, on the last epoch, attacks it white-box on the test images
 (robust_acc_<attack>_e<eps x 1000>, e.g. robust_acc_fgsm_e0010 at eps 0.01, and robust_acc_clean).

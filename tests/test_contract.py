@@ -90,13 +90,17 @@ PER_NAME["audit_backdoor_fpr"] = {"model": {"trainable": "clean", "dataset": "di
 PER_KIND["audit"] = {"model": {"trainable": "clean", "dataset": "digits", "epochs": 1}, "max_samples": 100,
                      "epochs": 1, "aux_size": 100, "mlp_epochs": 2,
                      "transfer_surrogate": {"trainable": "clean", "epochs": 1}}
+# values built in the test's folder: DE-FAKE's text-to-image corpus needs a pipeline and a caption
+# folder (a tiny random Stable Diffusion and 12 captioned faces, tests/test_defake_t2i.py)
+PER_NAME_BUILT = {"defake_t2i_corpus": lambda root: __import__("test_defake_t2i").contract_values(root)}
 
 
 @pytest.mark.parametrize("name", registry.names())
 def test_trainable_runs_one_tiny_epoch_and_reports_declared_metrics(name, tmp_path):
     spec = registry.get(name)
     fields = set(spec.build_config({}).__dataclass_fields__)
-    values = {k: v for k, v in {**TINY, **PER_KIND.get(spec.kind, {}), **PER_NAME.get(name, {})}.items()
+    built = PER_NAME_BUILT[name](tmp_path / "built") if name in PER_NAME_BUILT else {}
+    values = {k: v for k, v in {**TINY, **PER_KIND.get(spec.kind, {}), **PER_NAME.get(name, {}), **built}.items()
               if k in fields}
     cfg = spec.build_config(values)
     ctx = LocalContext(workdir=tmp_path / "w", stage_root=tmp_path / "stages")

@@ -155,16 +155,21 @@ PAPER_SSL: dict[str, Any] = {
 
 # DE-FAKE (sweeps/defake_detect.py, defake_attribute.py, defake_robustness.py; docs/methods.md "DE-FAKE"), thesis ch. 5: the image-only detector is a
 # ResNet-18 trained from scratch, the hybrid embeds with a pretrained CLIP ViT-B/32 (open_clip's
-# OpenAI weights, online). The corpus: the largest the offline sources allow per source (the
-# thesis's 40,000 SD + MSCOCO pairs, half real, need diffusers pipelines and the captions).
+# OpenAI weights, online). The detection, attribution and robustness corpus is the thesis's kind:
+# Stable Diffusion v1-4 and Latent Diffusion fakes (the defake_t2i_corpus defaults) of MSCOCO
+# captions the user provides (`--set corpus.captions=/path/to/coco`), 20,000 real images and one
+# fake of each per pipeline (T§5.3: 20,000 MSCOCO images and their SD fakes), 256 px. The prompt
+# analysis keeps the largest offline corpus (PAPER_DEFAKE_PER_SOURCE per source).
 PAPER_DEFAKE_IMAGE_MODEL = "preact_resnet18"
 PAPER_DEFAKE_CLIP: dict[str, Any] = {"trainable": "clip", "pretrained": "ViT-B-32:openai"}
 PAPER_DEFAKE_PER_SOURCE = 5000
+PAPER_DEFAKE_T2I_PER_SOURCE = 20000
 
 
 def paper_defake_fixed() -> dict[str, Any]:
-    """The fixed values of the DE-FAKE sweeps' paper preset: the largest offline corpus."""
-    return {"corpus": {"trainable": "defake_corpus", "per_source": PAPER_DEFAKE_PER_SOURCE}}
+    """The fixed values of the DE-FAKE sweeps' paper preset: the text-to-image corpus (its
+    `captions` folder is the user's: --set corpus.captions=...)."""
+    return {"corpus": {"trainable": "defake_t2i_corpus", "per_source": PAPER_DEFAKE_T2I_PER_SOURCE}}
 
 
 def paper_defake_grid(**dims: Any) -> list[dict[str, Any]]:
