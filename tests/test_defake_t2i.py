@@ -399,3 +399,19 @@ def test_relative_folders_are_made_absolute_so_the_cache_key_names_the_folder(wo
         {**corpus_values(world), "captions": "csv", "pipelines": ["./tiny-sd"]})
     assert cfg.captions == str(world["csv"].resolve()) and cfg.pipelines == (str(world["sd"].resolve()),)
     assert cfg.generator_names() == ("tiny-sd",)
+
+
+def test_hybrid_attributes_with_the_captions_as_prompts_and_is_attacked(world, corpus, tmp_path):
+    """The hybrid path on this corpus (RGB, captions as natural prompts, no classes): a one-epoch
+    CLIP of 8-px digits stands in for the pretrained ViT-B/32 the paper preset uses (the CLIP
+    resizes the 32-px RGB images itself); the attacks, HybridFool included, run on it."""
+    spec = registry.get("defake_hybrid")
+    clip = {"trainable": "clip", "dataset": "digits", "epochs": 1, "train_size": 600, "monitor_size": 200,
+            "image_size": 8, "vision_patch": 4}
+    cfg = spec.build_config({"corpus": {"trainable": "defake_t2i_corpus", **corpus_values(world)}, "clip": clip,
+                             "task": "attribute", "held_out": "tiny-ldm", "epochs": 2, "robustness": True})
+    ctx = LocalContext(workdir=tmp_path / "hybrid", stage_root=world["stages"])
+    spec.fn(cfg, ctx)
+    last = ctx.history[-1]
+    assert 0.0 <= last["acc"] <= 1.0 and "open_acc" in last
+    assert all(defake.robust_key(a, e) in last for a in (*defake.PIXEL_ATTACKS, "hybridfool") for e in defake.ROBUST_EPS)
