@@ -12,7 +12,7 @@ one trial per (detector, victim), in the layout of DD-Tab 1-3:
 
     python sweeps/detector_comparison.py                 # offline defaults of every victim and detector, 15 trials
     python sweeps/detector_comparison.py --smoke-test    # < 1 min: the three detectors on a tiny digits BadEncoder
-    python sweeps/detector_comparison.py --preset digits  # ~20 min on 2 CPUs: every victim at its tests' scale
+    python sweeps/detector_comparison.py --preset digits  # ~3 min on 2 CPUs: every victim at its tests' scale (the README table)
     python sweeps/detector_comparison.py --preset paper --download --gpus-per-trial 0.5   # CIFAR-10, ViT-B/16 CLIPs
 
 Every victim is a cached stage, trained once for its three detectors. ASSET runs 30 epochs on CTRL
@@ -84,7 +84,7 @@ SMOKE_DEDE = {k: v for k, v in DEDE.SWEEP.smoke["fixed"].items() if k not in ("v
 SMOKE_DETECTORS = {"dede": SMOKE_DEDE, "asset": {"base_size": 50, "epochs": 3},
                    "decree": {"shadow_size": 100, "epochs": 3}}
 
-# --preset digits (~20 min on 2 CPUs): every victim at the scale of its tests (the SSL victims on
+# --preset digits (~3 min on 2 CPUs, 2 min 38 s measured): every victim at the scale of its tests (the SSL victims on
 # sklearn digits: SimCLR 3 epochs, BadEncoder / DRUPE 5 epochs, CTRL 9 % of the digits poisoned; the
 # CLIP victims on 2,222 Fashion-MNIST image-caption pairs, CLIP-Backdoor at 5 %, BadCLIP at 1 %), DeDe
 # with tests/test_dede.py's decoder (4-pixel patches on the CLIPs' 32-pixel inputs), ASSET at its

@@ -75,11 +75,6 @@ def configs(plan_):
     return out
 
 
-# sweeps whose paper preset runs the documents' models on the offline corpus, because the documents'
-# data (DE-FAKE: Stable / Latent Diffusion fakes of MSCOCO captions) is not built by the platform yet
-OFFLINE_CORPUS_SWEEPS = {"defake_detect", "defake_attribute", "defake_robustness"}
-
-
 def upstream_chain(cfg) -> list:
     """`cfg` and every config upstream of it (stage references, declared upstream stages), recursively."""
     from secsweep import refs
@@ -122,6 +117,8 @@ def test_every_script_resolves_to_valid_configs_with_the_victim_recipe(planned, 
             models = {getattr(c, f) for c in chain for f in ("model", "surrogate_model", "surrogate")
                       if isinstance(getattr(c, f, None), str)}
             pretrained = {getattr(c, "pretrained", "") for c in chain} - {""}
+            # a text-to-image corpus (DE-FAKE) is made by published diffusers pipelines
+            pretrained |= {p for c in chain for p in getattr(c, "pipelines", ())}
             # an audit of a published registry model (SecurityNet's benchmark models) is the documents' model
             pretrained |= {c.name for c in chain if type(c).__module__ == "trainables.models.zoo"}
             # an audit population (SecurityNet audits many architectures) may hold small models too;
@@ -130,8 +127,7 @@ def test_every_script_resolves_to_valid_configs_with_the_victim_recipe(planned, 
 
             assert "preact_resnet18" in models or pretrained or isinstance(cfg, AuditConfig), (name, models)
             datasets = {c.dataset for c in chain if hasattr(c, "dataset")}
-            if name not in OFFLINE_CORPUS_SWEEPS:
-                assert datasets & {"cifar10", "cifar100", "stl10", "svhn", "gtsrb"} or pretrained, (name, datasets)
+            assert datasets & {"cifar10", "cifar100", "stl10", "svhn", "gtsrb"} or pretrained, (name, datasets)
             continue
         victim = cfg.attack_config() if hasattr(cfg, "attack_config") else cfg
         assert victim.model == "preact_resnet18" and victim.train_size == 0
