@@ -17,7 +17,8 @@ preset as in sweeps/defake_detect.py.
 
 from secsweep.presets import paper_defake_fixed, paper_defake_grid
 from secsweep.sweep import Sweep, grid, main
-from trainables.defake import DETECTORS, HELD_OUT, SMOKE_CORPUS, SMOKE_HYBRID_CLIP, t2i
+from trainables.defake import (DETECTORS, DIGITS_CORPUS, HELD_OUT, SMOKE_CORPUS, SMOKE_HYBRID_CLIP,
+                               digits_detectors, t2i)
 
 SWEEP = Sweep(
     name="defake_attribute",
@@ -27,7 +28,11 @@ SWEEP = Sweep(
     objectives={"val_acc": "max"},
     selection=("val_acc", "max"),
     columns=("trainable", "held_out", "acc", "open_acc", "threshold", "device_hours"),
-    presets={"paper": {"fixed": {**paper_defake_fixed(), "task": "attribute"},
+    presets={
+        # the tests' corpus and detector settings (trainables.defake.DIGITS_*): the README's small-scale table
+        "digits": {"fixed": {"corpus": DIGITS_CORPUS, "task": "attribute"},
+                   "grid": digits_detectors(held_out=HELD_OUT)},
+        "paper": {"fixed": {**paper_defake_fixed(), "task": "attribute"},
                        "grid": paper_defake_grid(held_out=list(t2i.HELD_OUT))}},
     smoke={
         "fixed": {"corpus": SMOKE_CORPUS, "epochs": 2, "task": "attribute"},

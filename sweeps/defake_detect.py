@@ -27,7 +27,8 @@ get the captions: docs/methods.md "DE-FAKE", "Text-to-image corpus".
 
 from secsweep.presets import paper_defake_grid, paper_defake_fixed
 from secsweep.sweep import Sweep, grid, main
-from trainables.defake import DETECTORS, HELD_OUT, SMOKE_CORPUS, SMOKE_HYBRID_CLIP, t2i
+from trainables.defake import (DETECTORS, DIGITS_CORPUS, HELD_OUT, SMOKE_CORPUS, SMOKE_HYBRID_CLIP,
+                               digits_detectors, t2i)
 
 TRAIN_FRACTIONS = [0.1, 0.25, 0.5, 1.0]
 
@@ -39,7 +40,11 @@ SWEEP = Sweep(
     objectives={"val_acc": "max"},
     selection=("val_acc", "max"),
     columns=("trainable", "held_out", "train_fraction", "acc", "unseen_detect_acc", "device_hours"),
-    presets={"paper": {"fixed": {**paper_defake_fixed(), "task": "detect"},
+    presets={
+        # the tests' corpus and detector settings (trainables.defake.DIGITS_*): the README's small-scale table
+        "digits": {"fixed": {"corpus": DIGITS_CORPUS, "task": "detect"},
+                   "grid": digits_detectors(held_out=HELD_OUT, train_fraction=TRAIN_FRACTIONS)},
+        "paper": {"fixed": {**paper_defake_fixed(), "task": "detect"},
                        "grid": paper_defake_grid(held_out=list(t2i.HELD_OUT), train_fraction=[1.0])}},
     smoke={
         "fixed": {"corpus": SMOKE_CORPUS, "epochs": 2, "task": "detect"},

@@ -15,7 +15,7 @@ Corpus, detectors and paper preset as in sweeps/defake_detect.py.
 
 from secsweep.presets import paper_defake_fixed, paper_defake_grid
 from secsweep.sweep import Sweep, grid, main
-from trainables.defake import DETECTORS, SMOKE_CORPUS, SMOKE_HYBRID_CLIP
+from trainables.defake import DETECTORS, DIGITS_CORPUS, SMOKE_CORPUS, SMOKE_HYBRID_CLIP, digits_detectors
 
 TASKS = ["detect", "attribute"]
 
@@ -28,7 +28,11 @@ SWEEP = Sweep(
     selection=("val_acc", "max"),
     columns=("trainable", "task", "acc", "robust_acc_fgsm_e0010", "robust_acc_bim_e0010",
              "robust_acc_di_fgsm_e0010", "robust_acc_hybridfool_e0010", "device_hours"),
-    presets={"paper": {"fixed": {**paper_defake_fixed(), "robustness": True},
+    presets={
+        # the tests' corpus and detector settings (trainables.defake.DIGITS_*): the README's small-scale table
+        "digits": {"fixed": {"corpus": DIGITS_CORPUS, "robustness": True},
+                   "grid": digits_detectors(task=TASKS)},
+        "paper": {"fixed": {**paper_defake_fixed(), "robustness": True},
                        "grid": paper_defake_grid(task=TASKS)}},
     smoke={
         "fixed": {"corpus": SMOKE_CORPUS, "epochs": 2, "robustness": True},

@@ -23,15 +23,10 @@ from trainables import defake
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)
 
-JUDGE = {"trainable": "clean", "epochs": 5}
-GEN = {"dataset": "digits", "fidelity_samples": 20, "classifier": JUDGE}
-CORPUS = {"dataset": "digits", "per_source": 300, "train_fraction": 0.5, "val_fraction": 0.25,
-          "generator1": {"trainable": "ddpm", **GEN, "epochs": 6, "batch_size": 64, "width": 16, "sample_steps": 25},
-          "generator2": {"trainable": "cgan", **GEN, "epochs": 10},
-          "generator3": {"trainable": "vae", **GEN, "epochs": 20, "batch_size": 32}}
-IMAGE = {"epochs": 15, "batch_size": 32}
-CLIP = {"trainable": "clip", "dataset": "digits", "image_size": 8, "vision_patch": 4, "epochs": 5,
-        "batch_size": 64, "monitor_size": 200}
+# the corpus and detector settings the sweeps' `--preset digits` use too (one definition)
+CORPUS = {k: v for k, v in defake.DIGITS_CORPUS.items() if k != "trainable"}
+IMAGE = defake.DIGITS_IMAGE
+CLIP = defake.DIGITS_CLIP
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +54,7 @@ def run_detector(ctx, tmp_path, name, **values):
     cfg = spec.build_config({"corpus": {"trainable": "defake_corpus", **CORPUS}, **values})
     sub = LocalContext(workdir=tmp_path / name, stage_root=ctx.stage_root)
     spec.fn(cfg, sub)
-    return sub.history[-1]
+    return {**sub.history[-1], "_outputs": sub.output_dir}
 
 
 def test_corpus_has_no_format_shortcut(corpus):
@@ -133,6 +128,26 @@ def test_hybrid_detector_runs_and_reports(ctx, tmp_path):
         assert 0.0 <= out["unseen_detect_acc"] <= 1.0
 
 
+def test_univfd_is_a_linear_probe_on_the_image_embedding_alone(ctx, tmp_path):
+    """UnivFD: no prompt, no hidden layer; it still detects and attributes above chance, and its
+    attack set has no HybridFool (nothing to push the image away from)."""
+    det = run_detector(ctx, tmp_path, "defake_univfd", task="detect", clip=CLIP)
+    att = run_detector(ctx, tmp_path, "defake_univfd", task="attribute", clip=CLIP, robustness=True)
+    unseen = run_detector(ctx, tmp_path, "defake_univfd", task="detect", clip=CLIP, held_out="vae")
+    print("univfd detect", det["acc"], "attribute", att["acc"], "unseen vae", unseen["unseen_detect_acc"])
+    assert det["acc"] > 0.6 and att["acc"] > 0.4      # chance 0.5 / 0.25
+    assert "robust_acc_fgsm_e0010" in att and not any("hybridfool" in k for k in att)
+    from secsweep import artifacts
+
+    head, _ = artifacts.load(det["_outputs"], "detector", role="detector")
+    layers = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    encoder, _ = ctx.load_model(StageRef("clip", {k: v for k, v in CLIP.items() if k != "trainable"}), "encoder")
+    width = encoder.encode_image(torch.zeros(1, 1, 8, 8), normalize=True).shape[1]
+    assert len(layers) == 1 and layers[0].in_features == width   # one linear layer on E_i(x) alone
+    with pytest.raises(ConfigError, match="prompts='retrieval': must be 'natural' when use_prompt is false"):
+        registry.get("defake_univfd").build_config({"prompts": "retrieval"})
+
+
 def test_bad_held_out_is_a_one_line_error():
     with pytest.raises(ConfigError, match="held_out='nope': must be one of ddpm, cgan, vae"):
         registry.get("defake_image").build_config({"held_out": "nope"})
@@ -149,9 +164,9 @@ def _sweep_plans(script: str, *argv: str):
 
 
 @pytest.mark.parametrize("script, dims, n", [
-    ("defake_detect", ("trainable", "held_out", "train_fraction"), 2 * 4 * 4),
-    ("defake_attribute", ("trainable", "held_out"), 2 * 4),
-    ("defake_robustness", ("trainable", "task"), 2 * 2),
+    ("defake_detect", ("trainable", "held_out", "train_fraction"), 3 * 4 * 4),
+    ("defake_attribute", ("trainable", "held_out"), 3 * 4),
+    ("defake_robustness", ("trainable", "task"), 3 * 2),
 ])
 def test_the_three_sweeps_plan_their_dimensions_and_the_paper_detectors(script, dims, n):
     """Detection: detector x held-out generator x training-set fraction; attribution: detector x
@@ -169,6 +184,11 @@ def test_the_three_sweeps_plan_their_dimensions_and_the_paper_detectors(script, 
     paper = _sweep_plans(script, "--preset", "paper")
     assert {t.get("model") for t in paper.trials if t["trainable"] == "defake_image"} == {"preact_resnet18"}
     assert {t["clip"]["pretrained"] for t in paper.trials if t["trainable"] == "defake_hybrid"} == {"ViT-B-32:openai"}
+    assert {t["clip"]["pretrained"] for t in paper.trials if t["trainable"] == "defake_univfd"} == {"ViT-L-14:openai"}
+    # --preset digits: the same grid on the tests' corpus, each detector with the tests' settings
+    digits = _sweep_plans(script, "--preset", "digits")
+    assert len(digits.trials) == n and digits.fixed["corpus"] == defake.DIGITS_CORPUS
+    assert all(t["clip"] == CLIP for t in digits.trials if t["trainable"] != "defake_image")
 
 
 def test_attacks_lower_accuracy_as_eps_grows(ctx, tmp_path):

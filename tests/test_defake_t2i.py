@@ -386,7 +386,8 @@ def test_paper_preset_plans_on_the_users_mscoco_folder(world):
     (c,) = corpora
     assert c.captions == str(world["coco"]) and c.pipelines == t2i.DEFAULT_PIPELINES and c.image_size == 256
     assert {x.held_out for x in cfgs} == set(t2i.HELD_OUT)
-    assert {type(x).__module__ for x in cfgs} == {"trainables.defake.detector", "trainables.defake.hybrid"}
+    assert {type(x).__module__ for x in cfgs} == {"trainables.defake.detector", "trainables.defake.hybrid",
+                                                  "trainables.defake.univfd"}
     # a wrong folder stops the plan, before Ray starts
     bad = build_parser(sweep).parse_args(["--preset", "paper", "--set", "corpus.captions=/no/such/coco"])
     with pytest.raises(ConfigError, match="captions='/no/such/coco'"):

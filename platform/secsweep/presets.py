@@ -162,6 +162,7 @@ PAPER_SSL: dict[str, Any] = {
 # analysis keeps the largest offline corpus (PAPER_DEFAKE_PER_SOURCE per source).
 PAPER_DEFAKE_IMAGE_MODEL = "preact_resnet18"
 PAPER_DEFAKE_CLIP: dict[str, Any] = {"trainable": "clip", "pretrained": "ViT-B-32:openai"}
+PAPER_UNIVFD_CLIP: dict[str, Any] = {"trainable": "clip", "pretrained": "ViT-L-14:openai"}  # UnivFD's CLIP:ViT-L/14
 PAPER_DEFAKE_PER_SOURCE = 5000
 PAPER_DEFAKE_T2I_PER_SOURCE = 20000
 
@@ -174,12 +175,13 @@ def paper_defake_fixed() -> dict[str, Any]:
 
 def paper_defake_grid(**dims: Any) -> list[dict[str, Any]]:
     """The DE-FAKE sweeps' paper grid: the thesis's two detectors (a ResNet-18 from scratch and the
-    hybrid on open_clip's ViT-B/32) crossed with the sweep's own dimensions `dims` (name -> values)."""
+    hybrid on open_clip's ViT-B/32) and UnivFD's linear probe on ViT-L/14, crossed with the sweep's own dimensions `dims` (name -> values)."""
     import itertools
 
     keys = list(dims)
     detectors = [{"trainable": "defake_image", "model": PAPER_DEFAKE_IMAGE_MODEL},
-                 {"trainable": "defake_hybrid", "clip": dict(PAPER_DEFAKE_CLIP)}]
+                 {"trainable": "defake_hybrid", "clip": dict(PAPER_DEFAKE_CLIP)},
+                 {"trainable": "defake_univfd", "clip": dict(PAPER_UNIVFD_CLIP)}]
     return [{**d, **dict(zip(keys, values))} for d in detectors
             for values in itertools.product(*(dims[k] for k in keys))]
 

@@ -81,7 +81,32 @@ SMOKE_CORPUS = {"trainable": "defake_corpus", "dataset": "digits", "per_source":
 # the hybrid detector's CLIP in the smoke tests: one epoch on the 8x8 digits
 SMOKE_HYBRID_CLIP = {"trainable": "clip", "dataset": "digits", "image_size": 8, "vision_patch": 4, "epochs": 1,
                      "monitor_size": 200}
-DETECTORS = ["defake_image", "defake_hybrid"]   # the sweeps' detector dimension: pixels vs CLIP image + prompt
+# the tests' corpus and detectors, and the sweeps' `--preset digits` (the README's small-scale tables):
+# 300 digits per source (150 / 75 / 75), generators trained for seconds, smallcnn 15 epochs, a 64-d
+# CLIP at 8 px for 5 epochs
+_DIGITS_GEN = {"dataset": "digits", "fidelity_samples": 20, "classifier": {"trainable": "clean", "epochs": 5}}
+DIGITS_CORPUS = {"trainable": "defake_corpus", "dataset": "digits", "per_source": 300, "train_fraction": 0.5,
+                 "val_fraction": 0.25,
+                 "generator1": {"trainable": "ddpm", **_DIGITS_GEN, "epochs": 6, "batch_size": 64, "width": 16,
+                                "sample_steps": 25},
+                 "generator2": {"trainable": "cgan", **_DIGITS_GEN, "epochs": 10},
+                 "generator3": {"trainable": "vae", **_DIGITS_GEN, "epochs": 20, "batch_size": 32}}
+DIGITS_IMAGE = {"epochs": 15, "batch_size": 32}
+DIGITS_CLIP = {"trainable": "clip", "dataset": "digits", "image_size": 8, "vision_patch": 4, "epochs": 5,
+               "batch_size": 64, "monitor_size": 200}
+# the sweeps' detector dimension: pixels, CLIP image + prompt (the thesis's hybrid), CLIP image alone
+# through a linear probe (UnivFD, the modern peer)
+DETECTORS = ["defake_image", "defake_hybrid", "defake_univfd"]
+
+
+def digits_detectors(**dims) -> list[dict]:
+    """The `--preset digits` grid: each detector with its test-scale settings x the sweep's `dims`."""
+    import itertools
+
+    per = {"defake_image": DIGITS_IMAGE, "defake_hybrid": {"clip": DIGITS_CLIP}, "defake_univfd": {"clip": DIGITS_CLIP}}
+    keys = list(dims)
+    return [{"trainable": d, **per[d], **dict(zip(keys, values))} for d in DETECTORS
+            for values in itertools.product(*(dims[k] for k in keys))]
 HELD_OUT = ["", "ddpm", "cgan", "vae"]          # the offline corpus's generators a trial may hold out ("" none)
 
 

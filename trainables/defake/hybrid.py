@@ -18,6 +18,10 @@ Tasks, held-out generator and threshold rule: as the image-only detector (`detec
 the head (the prompt embedding held fixed), and under HybridFool (one signed-gradient step that
 pushes the image embedding away from its prompt's, cosine distance: T-Eq 5.4).
 Training: Adam lr 1e-3, batch 32, 30 epochs (measured on the small corpora; the thesis does not state it).
+
+`use_prompt=False` drops the prompt: the head sees the image embedding alone, and `hidden=[]` makes
+the head one linear layer — together the frozen-CLIP linear probe of UnivFD (`univfd.py`, Ojha et
+al., CVPR 2023), the modern peer the thesis's hybrid is compared with.
 """
 
 from __future__ import annotations
@@ -68,6 +72,8 @@ class Config(DetectorConfig):
     epochs: int = 30                 # over precomputed embeddings: cheap
     dropout: float = 0.5
     prompts: str = "natural"         # natural (the corpus's), retrieval (offline captioner) or blip:NAME
+    use_prompt: bool = True          # False: the image embedding alone (UnivFD's input)
+    hidden: tuple[int, ...] = (512, 256)  # the head's hidden widths ((): a linear probe, UnivFD's head)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,6 +86,10 @@ class Config(DetectorConfig):
         from secsweep.config import require
 
         require(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)")
+        object.__setattr__(self, "hidden", tuple(int(w) for w in self.hidden))
+        require(all(w >= 1 for w in self.hidden), "hidden", list(self.hidden), "must be widths >= 1 ([] = a linear head)")
+        require(self.use_prompt or self.prompts == NATURAL, "prompts", self.prompts,
+                "must be 'natural' when use_prompt is false (no prompt reaches the head)")
         if self.prompts != NATURAL:
             from secsweep import captioner
             from secsweep.config import fail
@@ -117,24 +127,35 @@ def prompts_of(cfg: Config, model, corpus, device) -> list[str]:
                              templates=data_mod.DEFAULT_TEMPLATES)
 
 
-def embed(model, corpus, device, prompts: list[str] | None = None) -> torch.Tensor:
+def embed(model, corpus, device, prompts: list[str] | None = None, *, use_prompt: bool = True) -> torch.Tensor:
     """(N, 2E) = [normalised image embedding ‖ normalised prompt embedding] of every corpus image
-    (`prompts`: one per image, default the corpus's)."""
+    (`prompts`: one per image, default the corpus's); (N, E), the image embedding alone, without
+    `use_prompt`."""
     u = clip_mod.encode_images(model, corpus.images, device)
+    if not use_prompt:
+        return u
     v = clip_mod.encode_texts(model, list(corpus.prompts) if prompts is None else prompts, device)
     return torch.cat([u, v], 1)
 
 
 @register("defake_hybrid", kind="fake_detector", config=Config, metrics=METRICS)
 def run(cfg: Config, ctx) -> None:
+    run_clip_detector(cfg, ctx)
+
+
+def run_clip_detector(cfg: Config, ctx) -> None:
+    """Train and evaluate a head on frozen CLIP embeddings of the corpus (the hybrid's, or with
+    `use_prompt=False` the image embedding's alone), optionally attacked at the end."""
     corpus = read_corpus(ctx.stage(cfg.corpus))
     task = make_task(cfg, corpus)
     encoder, _ = ctx.load_model(cfg.clip, "encoder")
-    prompts = prompts_of(cfg, encoder, corpus, ctx.device)
-    feats = embed(encoder, corpus, ctx.device, prompts)
+    prompts = prompts_of(cfg, encoder, corpus, ctx.device) if cfg.use_prompt else None
+    feats = embed(encoder, corpus, ctx.device, prompts, use_prompt=cfg.use_prompt)
+    image_dim = int(feats.shape[1]) // 2 if cfg.use_prompt else int(feats.shape[1])
     train = trained_positions(corpus, task, "train")
     torch.manual_seed(cfg.seed)
-    args = {"in_dim": int(feats.shape[1]), "num_classes": task.num_classes, "hidden": [512, 256], "dropout": cfg.dropout}
+    args = {"in_dim": int(feats.shape[1]), "num_classes": task.num_classes, "hidden": list(cfg.hidden),
+            "dropout": cfg.dropout}
     head = defake_mlp(**args)
 
     def evaluate(m, device):
@@ -144,10 +165,13 @@ def run(cfg: Config, ctx) -> None:
         from secsweep.ops.adversarial import hybrid_fool
 
         test = trained_positions(corpus, task, "test").unique()
-        text = feats[test, feats.shape[1] // 2:].to(device)
+        text = feats[test, image_dim:].to(device)  # (n, 0) without a prompt
         whole = OnPixels(encoder, getattr(m, "module", m), text).to(device)
         x = corpus.images[test].to(device)
-        fool = lambda eps: hybrid_fool(x, lambda z: encoder.encode_image(z, normalize=True), text, eps)
+        # HybridFool pushes the image embedding away from its prompt's: without a prompt it does not apply
+        fool = None
+        if cfg.use_prompt:
+            fool = lambda eps: hybrid_fool(x, lambda z: encoder.encode_image(z, normalize=True), text, eps)  # noqa: E731
         return robustness(whole, x, task.target[corpus.source[test]].to(device),
                           lambda p, t: score_of(task)(p.cpu(), t.cpu()), extra=fool)
 
