@@ -7,6 +7,7 @@ T-Tab 4.1 cost model against the target's pre-training.
     python sweeps/cont_steal.py                          # offline default: 12 trials, 2 CPUs
     python sweeps/cont_steal.py --set surrogate_dataset=fashion_mnist --set augment=randaugment
     python sweeps/cont_steal.py --preset data_epochs     # T-Fig 4.21's data x epochs grid, small
+    python sweeps/cont_steal.py --preset architectures   # T-Tab 4.2's surrogate architectures, small
     python sweeps/cont_steal.py --preset search --num-samples 16   # Optuna over tau and lr
     python sweeps/cont_steal.py --preset paper --download --gpus-per-trial 0.5
 
@@ -32,6 +33,11 @@ ABLATIONS = [
     {"temperature": 0.5, "batch_size": 128, "loss": "symmetric"},
 ]
 CONVENTIONAL = [{"trainable": "encoder_steal", "batch_size": 128}]
+# T-Tab 4.2's surrogate architectures (the thesis: ResNet-18 default, ResNet-34/50, DenseNet-161, MobileNetV2)
+PAPER_ARCHITECTURES = ["resnet18", "resnet34", "resnet50", "densenet161", "mobilenet_v2"]
+# the small-scale sweep's: the CPU models, the thesis's ResNets and MobileNetV2, DenseNet-121 for DenseNet-161
+# (161 is ~4x 121's parameters; same small-input stem, secsweep.models.TorchvisionNet)
+ARCHITECTURES = ["smallcnn", "preact_resnet18", "resnet18", "resnet34", "resnet50", "densenet121", "mobilenet_v2"]
 
 SWEEP = Sweep(
     name="cont_steal",
@@ -41,11 +47,26 @@ SWEEP = Sweep(
     grid=variants(grid(temperature=TAUS, batch_size=BATCHES), ABLATIONS, CONVENTIONAL),
     objectives={"val_agreement": "max"},
     selection=("val_agreement", "max"),
-    columns=("trainable", "temperature", "batch_size", "loss", "use_encoder_negatives", "use_self_negatives",
+    columns=("trainable", "surrogate_model", "temperature", "batch_size", "loss", "use_encoder_negatives",
+             "use_self_negatives",
              "agreement", "steal_acc", "target_acc", "queries", "cost_ratio", "device_hours"),
     presets={
+        # + T-Tab 4.2: Cont-Steal at tau 0.5, N 128 with each of the thesis's five surrogate architectures,
+        # surrogate data CIFAR-10 (the table's setting: pre-training, downstream and surrogate data all CIFAR-10)
         "paper": {"fixed": PAPER_STEAL, "grid": variants(grid(temperature=[0.05, 0.1, 0.2, 0.5, 1.0], batch_size=[128, 256]),
-                                                   CONVENTIONAL)},
+                                                   CONVENTIONAL,
+                                                   grid(surrogate_model=PAPER_ARCHITECTURES, surrogate_dataset=["cifar10"]))},
+        # T-Tab 4.2 at small scale: Cont-Steal (tau 0.5, N 128) with each surrogate architecture against the
+        # default SimCLR small-CNN target, querying with Fashion-MNIST (the target's distribution, as the
+        # table's CIFAR-10 surrogate data is) training images: 500 images x 2 epochs = 1,000 queries, heads
+        # on 1,000 downstream images, reported on 500. Measured per trial (one CPU thread, the machine
+        # shared, target cached): resnet50, the biggest, 209 s (agreement 0.694, steal_acc 0.712); the
+        # others scale with their step cost (fwd+bwd of 64 28x28 images: resnet50 7.5 s, densenet121 5.4,
+        # resnet34 4.3, preact_resnet18 2.3, resnet18 2.1, mobilenet_v2 1.5, smallcnn 0.03): the seven
+        # trials are ~12 CPU-minutes, ~6-7 min on two cores.
+        "architectures": {"fixed": {"surrogate_dataset": "fashion_mnist", "surrogate_size": 500, "epochs": 2,
+                                    "probe_train_size": 1000, "probe_test_size": 500},
+                          "grid": grid(surrogate_model=ARCHITECTURES)},
         # T-Fig 4.21 at small scale: the attacker's share of the surrogate data x surrogate epochs
         "data_epochs": {"grid": variants(grid(surrogate_fraction=[0.1, 0.5, 1.0], epochs=[2, 6, 10]),
                                          grid(trainable=["encoder_steal"], surrogate_fraction=[0.1, 1.0], epochs=[10]))},

@@ -9,11 +9,17 @@ model, so each one exposes:
 * ``head``: the final ``nn.Linear(D, num_classes)``; transfer-based experiments replace it with
   ``model.head = nn.Linear(model.feature_dim, k)`` (docs/methods.md §2.2, transfer-based scenario);
 * ``last_conv``: the last ``nn.Conv2d`` before the pooling, whose output channels Fine-Pruning masks
-  (docs/methods.md §5.4). For every built-in model ``last_conv.out_channels == feature_dim``;
+  (docs/methods.md §5.4). For every built-in model but the DenseNets ``last_conv.out_channels ==
+  feature_dim`` (a DenseNet's last conv makes only the last ``growth_rate`` feature channels; see
+  TorchvisionNet; Fine-Pruning therefore prunes the features, not this conv);
 * ``attention_layers()``: the modules whose outputs Neural Attention Distillation turns into
   attention maps (docs/methods.md §5.5);
 * ``feature_dim``: D, an int;
 * ``forward(x) == head(features(x))``.
+
+Built-in image models: ``smallcnn`` (the CPU default), ``preact_resnet18``, and torchvision's
+``resnet18``, ``resnet34``, ``resnet50``, ``densenet121``, ``densenet161``, ``mobilenet_v2``
+(architectures only, ``weights=None``, with small-input stems: TorchvisionNet).
 
 Adding a model is one decorated builder in this module: ``@register_model("name")``.
 """
@@ -21,6 +27,7 @@ Adding a model is one decorated builder in this module: ``@register_model("name"
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -293,6 +300,140 @@ class PreActResNet18(nn.Module):
 def preact_resnet18(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     """PreActResNet18 (He et al. 2016; FTP §4.4's backdoored-model architecture)."""
     return PreActResNet18(num_classes, in_channels)
+
+
+# --------------------------------------------------------------------------------------------------
+# torchvision architectures (resnet18/34/50, densenet121/161, mobilenet_v2), small-input variants
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Family:
+    """How one torchvision family is adapted to 28- and 32-pixel inputs and where its handles are
+    (module paths inside the torchvision model, ``TorchvisionNet.net``)."""
+
+    stem: str                    # the first conv: replaced by a 3x3, stride-1, padding-1 conv from in_channels
+    stem_fan: str                # kaiming_normal_ mode torchvision initialises the family's convs with
+    removed: tuple[str, ...]     # modules replaced by nn.Identity (the ImageNet stem's max-pool)
+    unstrided: tuple[str, ...]   # convs whose stride becomes 1
+    classifier: str              # the attribute holding the classifier, replaced by nn.Identity
+    linear: str                  # the classifier's nn.Linear, which becomes `head`
+    attention: tuple[str, ...]   # NAD's attention layers: the last three stages
+
+
+_RESNET = _Family(stem="conv1", stem_fan="fan_out", removed=("maxpool",), unstrided=(), classifier="fc",
+                  linear="fc", attention=("layer2", "layer3", "layer4"))
+_DENSENET = _Family(stem="features.conv0", stem_fan="fan_in", removed=("features.pool0",), unstrided=(),
+                    classifier="classifier", linear="classifier",
+                    attention=("features.denseblock2", "features.denseblock3", "features.denseblock4"))
+# features.2 is the first stride-2 inverted residual (16 -> 24 channels); its depthwise conv is conv.1.0
+_MOBILENET = _Family(stem="features.0.0", stem_fan="fan_out", removed=(), unstrided=("features.2.conv.1.0",),
+                     classifier="classifier", linear="classifier.1",
+                     attention=("features.6", "features.13", "features.18"))
+TORCHVISION_MODELS = {"resnet18": _RESNET, "resnet34": _RESNET, "resnet50": _RESNET,
+                      "densenet121": _DENSENET, "densenet161": _DENSENET, "mobilenet_v2": _MOBILENET}
+
+
+def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+class TorchvisionNet(nn.Module):
+    """A torchvision classifier (``torchvision.models.<arch>(weights=None)``: the architecture only,
+    randomly initialised by torchvision, nothing downloaded) adapted to small inputs and given the
+    handles of this module. Its layers are torchvision's, under ``net``; the changes, per family:
+
+    * ResNet-18/34/50 (He et al. 2016): the CIFAR stem of the literature. ``conv1`` (7x7, stride 2)
+      becomes a 3x3 stride-1 conv from ``in_channels`` to 64 channels and ``maxpool`` is removed, so
+      the four stages see 32, 16, 8, 4 pixels of a 32-pixel image (ImageNet's stem would leave 1x1
+      after stage 4 and 2x2 already after stage 2).
+    * DenseNet-121/161 (Huang et al. 2017): the same for its stem, ``features.conv0`` (7x7, stride 2)
+      becomes a 3x3 stride-1 conv to ``num_init_features`` (64 / 96) channels and ``features.pool0``
+      is removed; the four dense blocks and three transitions are unchanged (32, 16, 8, 4 pixels),
+      as the CIFAR DenseNets start with one 3x3 conv and no pooling.
+    * MobileNetV2 (Sandler et al. 2018): the stem conv (``features.0.0``, 3x3 stride 2) gets stride 1
+      and ``in_channels`` inputs, and the first stride-2 inverted residual (``features.2``, 16 -> 24
+      channels) gets stride 1 in its depthwise conv: the network downsamples by 8 instead of 32
+      (4x4 final maps at 32 pixels, 3x3 at 28, instead of 1x1), the usual CIFAR MobileNetV2. The
+      classifier's Dropout(0.2) is dropped so that ``head`` is one ``nn.Linear`` applied to
+      ``features`` (the contract of every model here); add dropout in the training recipe if needed.
+
+    The replaced stems are initialised as torchvision initialises the family's other convs
+    (kaiming-normal; fan-out for ResNet and MobileNetV2, fan-in for DenseNet). Handles:
+
+    * ``head``: torchvision's final ``nn.Linear`` (``fc`` / ``classifier`` / ``classifier[1]``),
+      moved out of ``net`` (whose classifier is an identity), so ``features(x) == net(x)``, the
+      globally average-pooled output of the last stage (DenseNet: after ``norm5`` and a ReLU);
+    * ``feature_dim``: 512 (resnet18/34), 2048 (resnet50), 1024 (densenet121), 2208 (densenet161),
+      1280 (mobilenet_v2);
+    * ``last_conv``: the last ``nn.Conv2d`` of ``net``. ResNets: ``layer4[-1].conv2`` (basic block)
+      or ``conv3`` (bottleneck), ``out_channels == feature_dim``, summed with the block's identity
+      shortcut before the pool (as in preact_resnet18: masking it silences the residual branch only).
+      MobileNetV2: ``features[18][0]``, the 1x1 conv 320 -> 1280, ``out_channels == feature_dim``,
+      one-to-one with the features after its BN and ReLU6 (as in smallcnn). DenseNets: the last
+      dense layer's 3x3 conv (``features.denseblock4`` last ``conv2``), ``out_channels ==
+      growth_rate`` (32 / 48): its output is the *last* ``growth_rate`` of the ``feature_dim``
+      concatenated channels, so it is not one-to-one with the features (no DenseNet conv is);
+    * ``attention_layers()``: the outputs of the last three stages, ResNets ``layer2``, ``layer3``,
+      ``layer4``; DenseNets ``denseblock2``, ``denseblock3``, ``denseblock4`` (the concatenations,
+      before the transitions and ``norm5``); MobileNetV2 ``features[6]``, ``features[13]``,
+      ``features[18]`` (the ends of the 32-, 96- and 1280-channel resolutions). The deepest has
+      ``feature_dim`` channels.
+    """
+
+    def __init__(self, arch: str, num_classes: int, in_channels: int = 3) -> None:
+        super().__init__()
+        import torchvision  # here, not at import time: most processes never build these models
+
+        family = TORCHVISION_MODELS[arch]
+        net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+        old = net.get_submodule(family.stem)
+        stem = nn.Conv2d(in_channels, old.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(stem.weight, mode=family.stem_fan, nonlinearity="relu")
+        _replace(net, family.stem, stem)
+        for path in family.removed:
+            _replace(net, path, nn.Identity())
+        for path in family.unstrided:
+            net.get_submodule(path).stride = (1, 1)
+        self.head: nn.Module = net.get_submodule(family.linear)
+        _replace(net, family.classifier, nn.Identity())
+        self.net = net
+        self.arch = arch
+        self.feature_dim = self.head.in_features
+        self._attention = family.attention
+        # a path, not the module: an attribute would register the conv twice in the state_dict
+        self._last_conv = [name for name, m in net.named_modules() if isinstance(m, nn.Conv2d)][-1]
+
+    @property
+    def last_conv(self) -> nn.Conv2d:
+        """The last conv of ``net`` (see the class docstring for how its channels meet the features)."""
+        return self.net.get_submodule(self._last_conv)
+
+    def attention_layers(self) -> list[nn.Module]:
+        """The last three stages of ``net`` (class docstring), for NAD attention maps."""
+        return [self.net.get_submodule(path) for path in self._attention]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate representation (N, feature_dim): torchvision's forward without the classifier."""
+        return self.net(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, num_classes) = head(features(x))."""
+        return self.head(self.features(x))
+
+
+def _torchvision_builder(arch: str) -> ModelBuilder:
+    def builder(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+        return TorchvisionNet(arch, num_classes, in_channels)
+
+    builder.__qualname__ = builder.__name__ = arch
+    builder.__doc__ = f"torchvision's {arch} (weights=None), small-input variant: see TorchvisionNet."
+    return builder
+
+
+for _arch in TORCHVISION_MODELS:
+    register_model(_arch)(_torchvision_builder(_arch))
 
 
 # --------------------------------------------------------------------------------------------------
