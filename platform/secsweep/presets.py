@@ -173,17 +173,21 @@ def paper_defake_fixed() -> dict[str, Any]:
     return {"corpus": {"trainable": "defake_t2i_corpus", "per_source": PAPER_DEFAKE_T2I_PER_SOURCE}}
 
 
-def paper_defake_grid(**dims: Any) -> list[dict[str, Any]]:
-    """The DE-FAKE sweeps' paper grid: the thesis's two detectors (a ResNet-18 from scratch and the
-    hybrid on open_clip's ViT-B/32) and UnivFD's linear probe on ViT-L/14, crossed with the sweep's own dimensions `dims` (name -> values)."""
+def crossed(points: Sequence[Mapping[str, Any]], **dims: Sequence[Any]) -> list[dict[str, Any]]:
+    """Every point (a trial's settings, e.g. one detector) with every combination of `dims`' values."""
     import itertools
 
     keys = list(dims)
-    detectors = [{"trainable": "defake_image", "model": PAPER_DEFAKE_IMAGE_MODEL},
-                 {"trainable": "defake_hybrid", "clip": dict(PAPER_DEFAKE_CLIP)},
-                 {"trainable": "defake_univfd", "clip": dict(PAPER_UNIVFD_CLIP)}]
-    return [{**d, **dict(zip(keys, values))} for d in detectors
-            for values in itertools.product(*(dims[k] for k in keys))]
+    return [{**p, **dict(zip(keys, values))} for p in points for values in itertools.product(*(dims[k] for k in keys))]
+
+
+def paper_defake_grid(**dims: Any) -> list[dict[str, Any]]:
+    """The DE-FAKE sweeps' paper grid: the thesis's two detectors (a ResNet-18 from scratch and the
+    hybrid on open_clip's ViT-B/32) and UnivFD's linear probe on ViT-L/14, crossed with the sweep's
+    own dimensions `dims` (name -> values)."""
+    return crossed([{"trainable": "defake_image", "model": PAPER_DEFAKE_IMAGE_MODEL},
+                    {"trainable": "defake_hybrid", "clip": dict(PAPER_DEFAKE_CLIP)},
+                    {"trainable": "defake_univfd", "clip": dict(PAPER_UNIVFD_CLIP)}], **dims)
 
 
 # SecurityNet's audits (sweeps/audit_zoo.py; docs/methods.md "Audits of public models"): benchmark

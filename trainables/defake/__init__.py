@@ -101,12 +101,10 @@ DETECTORS = ["defake_image", "defake_hybrid", "defake_univfd"]
 
 def digits_detectors(**dims) -> list[dict]:
     """The `--preset digits` grid: each detector with its test-scale settings x the sweep's `dims`."""
-    import itertools
+    from secsweep.presets import crossed
 
     per = {"defake_image": DIGITS_IMAGE, "defake_hybrid": {"clip": DIGITS_CLIP}, "defake_univfd": {"clip": DIGITS_CLIP}}
-    keys = list(dims)
-    return [{"trainable": d, **per[d], **dict(zip(keys, values))} for d in DETECTORS
-            for values in itertools.product(*(dims[k] for k in keys))]
+    return crossed([{"trainable": d, **per[d]} for d in DETECTORS], **dims)
 HELD_OUT = ["", "ddpm", "cgan", "vae"]          # the offline corpus's generators a trial may hold out ("" none)
 
 
